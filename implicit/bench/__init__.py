@@ -1,0 +1,1 @@
+"""Benchmarks behind ``implicit bench ...``; each writes ``experiments/results/<name>.json``."""

@@ -1,0 +1,42 @@
+"""The ``implicit`` command line: one subcommand per job.
+
+Each subcommand lives in its family's module, which exposes ``add_parser(subparsers)``
+and keeps heavy imports (neuraloperator, diffusers) inside the command itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+COMMANDS = ["implicit.demo", "pde.cli_data"]  # modules with add_parser(subparsers)
+BENCHMARKS = ["implicit.bench.solvers"]  # added under `implicit bench`
+
+
+def _add(subparsers, module: str) -> None:
+    try:
+        importlib.import_module(module).add_parser(subparsers)
+    except ModuleNotFoundError as err:
+        if err.name != module:  # a missing dependency is a real error; a missing family is not
+            raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="implicit", description="Implicit models for scientific machine learning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        _add(sub, module)
+    bench = sub.add_parser("bench", help="GPU benchmarks that write experiments/results/*.json")
+    bench_sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for module in BENCHMARKS:
+        _add(bench_sub, module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

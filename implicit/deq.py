@@ -1,0 +1,148 @@
+"""The deep equilibrium layer: ``z* = f(z*, x)`` solved by the backend, differentiated implicitly."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backward import get_backward
+from .solvers import NonConvergenceWarning, NonFiniteError, SolverResult, Status, get_solver
+from .solvers._tree import Flattener
+
+__all__ = ["DEQ", "jacobian_frobenius"]
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer around any ``f(z, x)`` (Bai, Kolter & Koltun, 2019).
+
+    The forward pass solves ``z = f(z, x)`` without building a graph; the chosen
+    backward strategy then attaches gradients (``"ift"`` exact implicit,
+    ``"phantom"``, ``"jfb"``, ``"unrolled"``), so training memory does not grow
+    with solver iterations.
+
+    Args:
+        f: module called as ``f(z, x)``; ``z`` is a tensor or tuple of tensors with batch first.
+            If it has ``init_state(x)``, that gives the default initial ``z``; otherwise zeros like ``x``.
+        solver: name in :data:`implicit.solvers.SOLVERS` or a solver function.
+        tol, max_iter, stop_mode: forward solve tolerance, iteration limit and criterion.
+        eval_max_iter: iteration limit in eval mode (default: ``max_iter``).
+        solver_options: extra options for the solver (``m``, ``beta``, ``check_every``, ``graph``...).
+        backward: gradient strategy name; backward_options: its options
+            (``ift``: ``solver``, ``tol``, ``max_iter``; ``phantom``: ``steps``, ``damping``...).
+        strict: raise instead of warning when a solve stops above tolerance.
+        norm: ``"weight_norm"`` or ``"spectral_norm"`` on ``f``'s weights (torchdeq's), reset each training step.
+        jac_reg_samples: if > 0, in training, ``result.stats["jac_loss"]`` holds a Hutchinson
+            estimate of ``||df/dz||_F^2 / n`` at ``z*`` (Bai et al., 2021) to add to the loss.
+        name: how errors and warnings name this layer.
+
+    Returns from ``forward``: ``(z, result)``, the equilibrium (with gradients) and the forward
+    :class:`SolverResult`.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        *,
+        solver: str = "anderson",
+        tol: float = 1e-4,
+        max_iter: int = 30,
+        stop_mode: str = "rel",
+        eval_max_iter: int | None = None,
+        solver_options: dict | None = None,
+        backward: str = "ift",
+        backward_options: dict | None = None,
+        strict: bool = False,
+        norm: str | None = None,
+        jac_reg_samples: int = 0,
+        name: str | None = None,
+    ):
+        super().__init__()
+        self.f = f
+        self.solver = get_solver(solver)
+        self.solver_name = solver if isinstance(solver, str) else getattr(solver, "__name__", "solver")
+        self.tol, self.max_iter, self.stop_mode = tol, max_iter, stop_mode
+        self.eval_max_iter = eval_max_iter or max_iter
+        self.solver_options = dict(solver_options or {})
+        self.backward_fn = get_backward(backward)
+        self.backward_options = dict(backward_options or {})
+        self.strict = strict
+        self.jac_reg_samples = jac_reg_samples
+        self.name = name or type(f).__name__
+        self.norm = norm
+        if norm is not None:
+            from torchdeq.norm import apply_norm
+
+            if norm not in ("weight_norm", "spectral_norm"):
+                raise ValueError(f'norm must be "weight_norm", "spectral_norm" or None, got "{norm}"')
+            apply_norm(self.f, norm_type=norm)
+        self._warned = False
+
+    def forward(self, x: Any, z0: Any = None, *, max_iter: int | None = None) -> tuple[Any, SolverResult]:
+        if z0 is None:
+            z0 = self.f.init_state(x) if hasattr(self.f, "init_state") else torch.zeros_like(x)
+        if self.norm is not None and self.training:
+            from torchdeq.norm import reset_norm
+
+            reset_norm(self.f)
+        flat = Flattener(z0)
+        limit = max_iter or (self.max_iter if self.training else self.eval_max_iter)
+        with torch.no_grad():
+            result = self.solver(
+                lambda z: self.f(z, x), z0, tol=self.tol, max_iter=limit, stop_mode=self.stop_mode,
+                **self.solver_options,
+            )
+        self._check(result)
+
+        def f_flat(v: Tensor) -> Tensor:
+            return flat.flatten(self.f(flat.unflatten(v), x))
+
+        z_star = flat.flatten(result.z)
+        if torch.is_grad_enabled():
+            z = self.backward_fn(f_flat, z_star, **self.backward_options)
+            if self.training and self.jac_reg_samples > 0:
+                stats = dict(result.stats, jac_loss=jacobian_frobenius(f_flat, z_star, self.jac_reg_samples))
+                result = dataclasses.replace(result, stats=stats)
+        else:
+            z = z_star
+        return flat.unflatten(z), result
+
+    def _check(self, result: SolverResult) -> None:
+        status = result.status
+        if bool((status == Status.NONFINITE).any()):
+            bad = (status == Status.NONFINITE).nonzero().flatten()
+            steps = result.n_iter[bad]
+            raise NonFiniteError(
+                f"{self.name}: NaN or inf in the fixed-point iterate of sample(s) {bad.tolist()[:10]} "
+                f"at solver iteration(s) {steps.tolist()[:10]} ({self.solver_name}); check the input "
+                "and the layer's weights"
+            )
+        if not result.all_converged:
+            message = (
+                f"{self.name}: {self.solver_name} stopped above tol={self.tol:g} ({self.stop_mode}) for "
+                f"{int((~result.converged).sum())}/{len(status)} samples: {result.summary()}"
+            )
+            if self.strict:
+                raise RuntimeError(message)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(message, NonConvergenceWarning, stacklevel=3)
+
+
+def jacobian_frobenius(f: Any, z: Tensor, samples: int = 1) -> Tensor:
+    """Hutchinson estimate of ``||df/dz||_F^2 / n`` at ``z`` (flat ``(B, n)``), differentiable.
+
+    Averages ``||v^T J||^2 / n`` over ``samples`` Gaussian probes ``v``; adding it to the loss
+    keeps the layer well-conditioned (Bai, Koltun & Kolter, 2021).
+    """
+    z_in = z.detach().requires_grad_()
+    out = f(z_in)
+    total = out.new_zeros(())
+    for _ in range(samples):
+        v = torch.randn_like(out)
+        (vjp,) = torch.autograd.grad(out, z_in, v, create_graph=True)
+        total = total + vjp.pow(2).sum() / vjp.numel()
+    return total / samples

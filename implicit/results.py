@@ -1,0 +1,80 @@
+"""Experiment results files: one JSON per study with config, metrics, targets and provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b}
+
+
+def target(value: float, goal: float, op: str) -> dict:
+    """One entry of a results file's ``"targets"``: the value reached, the goal and whether it is met."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+    return {"value": value, "target": goal, "op": op, "met": bool(_OPS[op](value, goal))}
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """Human-readable name of the device the numbers were measured on."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    """The current git commit of the source tree, or "unknown" outside a checkout."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=float)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(
+    name: str,
+    *,
+    config: dict,
+    metrics: dict,
+    targets: dict | None = None,
+    device: torch.device | str | None = None,
+    wall_clock_s: float | None = None,
+    out_dir: str | Path = "experiments/results",
+) -> Path:
+    """Write ``<out_dir>/<name>.json`` following the results contract in DESIGN.md."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = {
+        "name": name,
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "config": config,
+        "metrics": metrics,
+        "targets": targets or {},
+        "wall_clock_s": wall_clock_s,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+    }
+    return write_json_atomic(Path(out_dir) / f"{name}.json", data)

@@ -1,0 +1,150 @@
+"""The fixed-point solvers: correctness, per-sample convergence, statuses and input checks."""
+
+import pytest
+import torch
+from problems import linear_contraction, picard_divergent, tanh_problem
+
+from implicit.solvers import SOLVERS, Status, anderson, broyden, get_solver, picard, register_solver, solve
+
+FIXED_POINT = ["picard", "anderson", "broyden"]
+
+
+def residual(f, z):
+    return (f(z) - z).norm(dim=1)
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_linear_contraction_known_solution(name, dtype, tol):
+    f, z0, z_star = linear_contraction(dtype=dtype)
+    result = solve(f, z0, name, tol=tol, max_iter=200)
+    assert result.converged.all()
+    assert (result.status == Status.CONVERGED).all()
+    assert torch.allclose(result.z, z_star, atol=50 * tol, rtol=0)
+    assert result.z.dtype == dtype
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+def test_tanh_layer_converges(name):
+    f, z0, _ = tanh_problem()
+    result = solve(f, z0, name, tol=1e-10, max_iter=200)
+    assert result.converged.all()
+    assert torch.allclose(residual(f, result.z), result.residual)
+    assert (result.rel_residual <= 1e-10).all()
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_quasi_newton_converges_where_picard_diverges(name):
+    f, z0, z_star = picard_divergent()
+    assert not picard(f, z0, tol=1e-8, max_iter=200).converged.any()
+    result = solve(f, z0, name, tol=1e-10, max_iter=300)
+    assert result.converged.all()
+    assert torch.allclose(result.z, z_star, atol=1e-8)
+
+
+def test_picard_divergence_is_reported():
+    f, z0, _ = picard_divergent()
+    result = picard(f, z0, tol=1e-8, max_iter=100, diverge_factor=1e3)
+    assert (result.status == Status.DIVERGED).all()
+    assert (result.n_iter < 100).all()
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+def test_hard_sample_leaves_easy_samples_unchanged(name):
+    """Convergence is per sample: one slow sample must not change the others' answers or counts."""
+    n = 12
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(5, n, generator=g, dtype=torch.float64)
+    scale = torch.tensor([0.3, 0.3, 0.3, 0.3, 0.97], dtype=torch.float64)[:, None]  # last one is hard
+
+    def f(z, scale=scale, x=x):
+        return torch.tanh(scale * (z @ W.T) + x)
+
+    easy = solve(lambda z: f(z, scale[:4], x[:4]), torch.zeros_like(x[:4]), name, tol=1e-9, max_iter=500)
+    mixed = solve(f, torch.zeros_like(x), name, tol=1e-9, max_iter=500)
+    assert mixed.converged.all()
+    assert mixed.n_iter[4] > mixed.n_iter[:4].max()
+    assert torch.equal(mixed.n_iter[:4], easy.n_iter)
+    assert torch.allclose(mixed.z[:4], easy.z, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+def test_converged_mask_matches_residual(name):
+    f, z0, _ = tanh_problem(batch=6)
+    tol = 1e-6
+    result = solve(f, z0, name, tol=tol, max_iter=4)  # too few iterations for some samples
+    assert torch.equal(result.converged, result.rel_residual <= tol)
+    assert torch.equal(result.status == Status.MAX_ITER, ~result.converged)
+    assert (result.n_iter <= 4).all()
+
+
+def test_nonfinite_sample_is_flagged_and_others_finish():
+    f0, z0, z_star = linear_contraction(batch=3)
+
+    def f(z):
+        out = f0(z)
+        return torch.cat([out[:1] * float("nan"), out[1:]])
+
+    result = anderson(f, z0, tol=1e-10, max_iter=100)
+    assert result.status[0] == Status.NONFINITE
+    assert result.n_iter[0] == 1
+    assert result.converged[1:].all()
+    assert torch.allclose(result.z[1:], z_star[1:], atol=1e-8)
+
+
+def test_tuple_state():
+    f1, z1, s1 = linear_contraction(n=6, seed=1)
+    f2, z2, s2 = linear_contraction(n=3, seed=2)
+    result = anderson(lambda z: (f1(z[0]), f2(z[1][..., 0])[..., None]), (z1, z2[..., None]), tol=1e-10)
+    assert isinstance(result.z, tuple)
+    assert torch.allclose(result.z[0], s1, atol=1e-8)
+    assert torch.allclose(result.z[1][..., 0], s2, atol=1e-8)
+
+
+def test_half_precision_f_gets_float32_state():
+    f, z0, z_star = linear_contraction(dtype=torch.float32)
+    result = anderson(lambda z: f(z.float()).to(torch.bfloat16), z0.to(torch.bfloat16), tol=1e-2, max_iter=50)
+    assert result.z.dtype == torch.bfloat16
+    assert result.residual.dtype == torch.float32
+    assert torch.allclose(result.z.float(), z_star, atol=0.1)
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+def test_trace_records_residual_per_iteration(name):
+    f, z0, _ = tanh_problem()
+    result = solve(f, z0, name, tol=1e-10, max_iter=100, trace=True, check_every=3)
+    assert result.trace.shape[1] == 4
+    assert result.trace.shape[0] >= int(result.n_iter.max())
+    assert torch.allclose(result.trace[result.n_iter - 1, torch.arange(4)], result.rel_residual)
+
+
+def test_check_every_does_not_change_the_answer():
+    f, z0, _ = tanh_problem()
+    a = anderson(f, z0, tol=1e-10, check_every=1)
+    b = anderson(f, z0, tol=1e-10, check_every=7)
+    assert torch.equal(a.n_iter, b.n_iter)
+    assert torch.equal(a.z, b.z)
+
+
+def test_registry_and_errors():
+    with pytest.raises(ValueError, match="Unknown solver"):
+        get_solver("newton_raphson")
+    with pytest.raises(ValueError, match="stop_mode"):
+        anderson(lambda z: z, torch.zeros(2, 3), stop_mode="max")
+    with pytest.raises(ValueError, match="max_iter"):
+        picard(lambda z: z, torch.zeros(2, 3), max_iter=0)
+    with pytest.raises(ValueError, match="batch"):
+        picard(lambda z: z, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="damping"):
+        picard(lambda z: z, torch.zeros(2, 3), damping=1.5)
+    with pytest.raises(ValueError, match="history"):
+        anderson(lambda z: z, torch.zeros(2, 3), m=0)
+    register_solver("my_picard", lambda f, z0, **kw: picard(f, z0, damping=0.5, **kw))
+    try:
+        f, z0, z_star = linear_contraction()
+        assert torch.allclose(solve(f, z0, "my_picard", tol=1e-10, max_iter=300).z, z_star, atol=1e-8)
+    finally:
+        SOLVERS.pop("my_picard")
+    assert broyden  # exported
