@@ -495,11 +495,10 @@ def show(path: str | os.PathLike, out: str | os.PathLike | None = None, *, n: in
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(v)
             if j == len(names) - 1:
-                ax.set_ylabel(f"rel. residual {res[i]:.1e}", fontsize=8)
-                ax.yaxis.set_label_position("right")
+                ax.set_title(f"{v} (residual {res[i]:.1e})", fontsize=9)
+            elif i == 0:
+                ax.set_title(v, fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
