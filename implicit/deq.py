@@ -79,7 +79,12 @@ class DEQ(nn.Module):
             if norm not in ("weight_norm", "spectral_norm"):
                 raise ValueError(f'norm must be "weight_norm", "spectral_norm" or None, got "{norm}"')
             apply_norm(self.f, norm_type=norm)
+        if self.solver_options.get("graph") and norm is not None:
+            raise ValueError("graph=True replays captured kernels that read the weights in place, but "
+                             "norm recomputes them every step; use one or the other")
         self._warned = False
+        self._graph_input: Any = None  # static copy of x that a captured CUDA graph reads
+        self._graph_f: Any = None
 
     def forward(self, x: Any, z0: Any = None, *, max_iter: int | None = None) -> tuple[Any, SolverResult]:
         if z0 is None:
@@ -92,7 +97,7 @@ class DEQ(nn.Module):
         limit = max_iter or (self.max_iter if self.training else self.eval_max_iter)
         with torch.no_grad():
             result = self.solver(
-                lambda z: self.f(z, x), z0, tol=self.tol, max_iter=limit, stop_mode=self.stop_mode,
+                self._solver_f(x), z0, tol=self.tol, max_iter=limit, stop_mode=self.stop_mode,
                 **self.solver_options,
             )
         self._check(result)
@@ -109,6 +114,19 @@ class DEQ(nn.Module):
         else:
             z = z_star
         return flat.unflatten(z), result
+
+    def _solver_f(self, x: Any):
+        """``z -> f(z, x)``; with ``graph=True`` a persistent function reading a static copy of ``x``,
+        so the solver's cached CUDA graph stays valid across calls."""
+        if not (self.solver_options.get("graph") and torch.is_tensor(x) and x.is_cuda):
+            return lambda z: self.f(z, x)
+        static = self._graph_input
+        if static is None or static.shape != x.shape or static.dtype != x.dtype or static.device != x.device:
+            self._graph_input = static = x.detach().clone()
+            self._graph_f = lambda z: self.f(z, static)
+        else:
+            static.copy_(x)
+        return self._graph_f
 
     def _check(self, result: SolverResult) -> None:
         status = result.status

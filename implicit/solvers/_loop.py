@@ -1,20 +1,23 @@
 """The one loop shared by every fixed-point solver.
 
 A method (Picard, Anderson, Broyden) supplies only its update rule: given the
-iterate ``z`` and its residual ``g = f(z) - z`` it proposes the next iterate.
-This loop does everything else once: per-sample residual norms, best-iterate
-tracking, freezing of samples that have finished, NaN/inf and divergence
-detection, the per-sample status, iteration counts and traces.
+iterate ``z``, its residual ``g = f(z) - z`` and the iteration counter it
+proposes the next iterate. This loop does everything else once: per-sample
+residual norms, best-iterate tracking, freezing of samples that have finished,
+NaN/inf and divergence detection, per-sample status, iteration counts, traces.
 
-Nothing here reads a device value on the host inside a block of
-``check_every`` iterations; the loop syncs once per block to see whether every
-sample has finished. All state lives in preallocated tensors updated in place,
-which is what lets ``graph=True`` capture a whole block as one CUDA graph and
-replay it, removing the per-kernel launch cost that dominates small problems.
+Nothing inside a block of ``check_every`` iterations reads a device value on
+the host; the loop syncs once per block to see whether every sample has
+finished. All state lives in preallocated tensors updated in place and the
+iteration counter itself is a device tensor, so one block is the same sequence
+of kernels every time. That is what ``graph=True`` exploits: the block is
+captured once as a CUDA graph, cached with ``f``, and replayed in later calls,
+removing the per-kernel launch and Python cost that dominates small problems.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -27,19 +30,24 @@ STOP_MODES = ("rel", "abs")
 
 
 class Method:
-    """Update rule of a fixed-point solver, working on flat ``(B, n)`` tensors.
+    """Update rule of a fixed-point solver on flat ``(B, n)`` tensors.
 
-    ``period`` is the length after which the method's bookkeeping repeats
-    (the history size for ring buffers); CUDA-graph blocks are a multiple of it.
+    ``init`` allocates state; ``reset`` zeroes it in place (so cached CUDA graphs
+    stay valid); ``step`` proposes the next iterate from ``z``, ``g = f(z) - z``
+    and the device iteration counter ``it`` (shape ``(1,)``, 0 at the first call).
     """
 
-    period: int = 1
+    def key(self) -> tuple:
+        """Options that change the kernels ``step`` launches (part of the graph cache key)."""
+        return (type(self).__name__,)
 
     def init(self, z: Tensor) -> None:
         """Allocate state for an iterate shaped like ``z``."""
 
-    def step(self, i: int, z: Tensor, g: Tensor) -> Tensor:
-        """Next iterate after iteration ``i`` (0-based) from ``z`` and ``g = f(z) - z``."""
+    def reset(self) -> None:
+        """Zero the state in place before a new solve."""
+
+    def step(self, z: Tensor, g: Tensor, it: Tensor) -> Tensor:
         raise NotImplementedError
 
 
@@ -55,6 +63,92 @@ def check_options(tol: float, max_iter: int, stop_mode: str, check_every: int) -
         raise ValueError(f"check_every must be a positive integer, got {check_every}")
 
 
+class _Loop:
+    """State and one-iteration body of a solve, reusable across calls of the same shape."""
+
+    def __init__(self, F, z: Tensor, method: Method, tol, max_iter, stop_mode, trace, diverge_factor, block):
+        B, dev, dt = z.shape[0], z.device, z.dtype
+        self.F, self.method, self.tol, self.max_iter = F, method, tol, max_iter
+        self.rel, self.diverge_factor, self.block = stop_mode == "rel", diverge_factor, block
+        self.z = z.clone()
+        self.best_z = torch.empty_like(z)
+        self.best_abs = torch.empty(B, device=dev, dtype=dt)
+        self.best_rel = torch.empty_like(self.best_abs)
+        self.first_r = torch.empty_like(self.best_abs)
+        self.status = torch.empty(B, device=dev, dtype=torch.int8)
+        self.n_iter = torch.empty(B, device=dev, dtype=torch.long)
+        self.it = torch.empty(1, device=dev, dtype=torch.long)
+        self.trace = torch.empty(max_iter + block, B, device=dev, dtype=dt) if trace else None
+        self.tiny = torch.finfo(dt).tiny
+        method.init(z)
+        self.cuda_graph = None
+
+    def reset(self, z0: Tensor) -> None:
+        self.z.copy_(z0)
+        self.best_z.copy_(z0)
+        self.best_abs.fill_(float("inf"))
+        self.best_rel.fill_(float("inf"))
+        self.status.fill_(RUNNING)
+        self.n_iter.zero_()
+        self.it.zero_()
+        self.method.reset()
+
+    def iteration(self) -> None:
+        z, it = self.z, self.it
+        fz = self.F(z)
+        g = fz - z
+        abs_r = batch_norm(g)
+        rel_r = abs_r / (batch_norm(fz) + self.tiny)
+        r = rel_r if self.rel else abs_r
+        running = (self.status == RUNNING) & (it < self.max_iter)
+        self.n_iter.add_(running)
+        finite = torch.isfinite(r)
+        better = running & finite & (r < (self.best_rel if self.rel else self.best_abs))
+        self.best_z.copy_(torch.where(better[:, None], z, self.best_z))
+        self.best_abs.copy_(torch.where(better, abs_r, self.best_abs))
+        self.best_rel.copy_(torch.where(better, rel_r, self.best_rel))
+        new = torch.where(running & ~finite, Status.NONFINITE, self.status)
+        new = torch.where(running & finite & (r <= self.tol), Status.CONVERGED, new)
+        if self.diverge_factor is not None:
+            self.first_r.copy_(torch.where(it == 0, abs_r, self.first_r))
+            diverged = running & finite & (abs_r > self.diverge_factor * self.first_r)
+            new = torch.where(diverged, Status.DIVERGED, new)
+        self.status.copy_(new)
+        if self.trace is not None:
+            self.trace.index_copy_(0, it, r[None])
+        z_next = self.method.step(z, g, it)
+        self.it.add_(1)
+        still = (self.status == RUNNING) & (self.it < self.max_iter)
+        z.copy_(torch.where(still[:, None], z_next, self.best_z))
+
+    def run_block(self, graph: bool) -> None:
+        if not graph:
+            for _ in range(self.block):
+                self.iteration()
+            return
+        if self.cuda_graph is None:
+            self.cuda_graph = _capture(self)
+        self.cuda_graph.replay()
+
+    def finish(self, flat: Flattener, iterations: int) -> SolverResult:
+        status = self.status.clone()
+        status.masked_fill_(status == RUNNING, Status.MAX_ITER)
+        n = min(iterations, self.max_iter)
+        return SolverResult(
+            z=flat.unflatten(self.best_z.clone()),
+            residual=self.best_abs.clone(),
+            rel_residual=self.best_rel.clone(),
+            n_iter=self.n_iter.clone(),
+            converged=status == Status.CONVERGED,
+            status=status,
+            trace=self.trace[:n].clone() if self.trace is not None else None,
+        )
+
+
+# Captured loops, kept as long as the f they were captured for is alive.
+_GRAPH_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
 def iterate(
     f: Callable[[Any], Any],
     z0: Any,
@@ -63,7 +157,7 @@ def iterate(
     tol: float = 1e-4,
     max_iter: int = 50,
     stop_mode: str = "rel",
-    check_every: int = 8,
+    check_every: int = 4,
     trace: bool = False,
     graph: bool = False,
     diverge_factor: float | None = None,
@@ -75,11 +169,14 @@ def iterate(
         z0: initial iterate, ``(B, ...)`` or a tuple of such tensors.
         method: the update rule.
         tol: tolerance on the residual chosen by ``stop_mode``.
-        max_iter: the most evaluations of ``f``.
+        max_iter: the most evaluations of ``f`` per sample.
         stop_mode: ``"rel"`` judges ``||f(z) - z|| / ||f(z)||``, ``"abs"`` judges ``||f(z) - z||``.
         check_every: iterations between host checks of whether every sample has finished.
         trace: keep the per-iteration residual of every sample in ``result.trace``.
-        graph: on CUDA, capture a block of iterations as a CUDA graph and replay it.
+        graph: on CUDA, capture a block of ``check_every`` iterations as a CUDA graph the
+            first time and replay it, in this and later calls with the same ``f`` object,
+            shapes and options. ``f`` must read its inputs from the same tensors each call
+            (update them in place) and must not sync with the host.
         diverge_factor: mark a sample ``DIVERGED`` once its absolute residual exceeds
             this multiple of its first one (``None``: never).
 
@@ -88,86 +185,50 @@ def iterate(
     """
     check_options(tol, max_iter, stop_mode, check_every)
     flat = Flattener(z0)
-    F = flat.wrap(f)
     with torch.no_grad():
-        z = flat.flatten(z0).clone()
-        B = z.shape[0]
-        dev = z.device
-        best_z = z.clone()
-        best_abs = torch.full((B,), float("inf"), device=dev, dtype=z.dtype)
-        best_rel = best_abs.clone()
-        first_r = best_abs.clone()
-        status = torch.full((B,), RUNNING, device=dev, dtype=torch.int8)
-        n_iter = torch.zeros(B, device=dev, dtype=torch.long)
-        trace_buf = torch.zeros(max_iter if trace else 1, B, device=dev, dtype=z.dtype)
-        counter = torch.zeros(1, device=dev, dtype=torch.long)
-        method.init(z)
-        rel = stop_mode == "rel"
-        tiny = torch.finfo(z.dtype).tiny
-
-        def one_iteration(i: int) -> None:
-            fz = F(z)
-            g = fz - z
-            abs_r = batch_norm(g)
-            rel_r = abs_r / (batch_norm(fz) + tiny)
-            r = rel_r if rel else abs_r
-            running = status == RUNNING
-            n_iter.add_(running)
-            finite = torch.isfinite(r)
-            best_r = best_rel if rel else best_abs
-            better = running & finite & (r < best_r)
-            best_z.copy_(torch.where(better[:, None], z, best_z))
-            best_abs.copy_(torch.where(better, abs_r, best_abs))
-            best_rel.copy_(torch.where(better, rel_r, best_rel))
-            new = torch.where(running & ~finite, Status.NONFINITE, status)
-            new = torch.where(running & finite & (r <= tol), Status.CONVERGED, new)
-            if diverge_factor is not None:
-                if i == 0:
-                    first_r.copy_(abs_r)
-                new = torch.where(running & finite & (abs_r > diverge_factor * first_r), Status.DIVERGED, new)
-            status.copy_(new)
-            if trace:
-                trace_buf.index_copy_(0, counter, r[None])
-                counter.add_(1)
-            z_next = method.step(i, z, g)
-            z.copy_(torch.where((status == RUNNING)[:, None], z_next, best_z))
-
-        block = check_every
-        use_graph = graph and dev.type == "cuda"
+        z = flat.flatten(z0)
+        use_graph = graph and z.device.type == "cuda"
+        args = (tol, max_iter, stop_mode, trace, diverge_factor, check_every)
+        loop = None
         if use_graph:
-            block = -(-check_every // method.period) * method.period
-        cuda_graph = None
-        i = 0
-        while i < max_iter:
-            n = min(block, max_iter - i)
-            if use_graph and i > 0 and n == block:
-                if cuda_graph is None:
-                    cuda_graph = _capture(lambda start=i: [one_iteration(start + j) for j in range(block)])
-                cuda_graph.replay()
-            else:
-                for j in range(n):
-                    one_iteration(i + j)
-            i += n
-            if not bool((status == RUNNING).any()):
+            try:
+                cache = _GRAPH_CACHE.setdefault(f, {})
+            except TypeError:
+                raise TypeError("graph=True caches the captured loop on f, so f must support weak "
+                                f"references (a function or module); got {type(f).__name__}") from None
+            key = (tuple(z.shape), z.dtype, z.device, method.key(), args)
+            loop = cache.get(key)
+            if loop is not None:
+                method = loop.method
+        if loop is None:
+            loop = _Loop(flat.wrap(f), z, method, *args[:5], check_every)
+            if use_graph:
+                cache[key] = loop
+        loop.reset(z)
+        done = 0
+        while done < max_iter:
+            loop.run_block(use_graph)
+            done += check_every
+            if not bool(((loop.status == RUNNING) & (loop.it < max_iter)).any()):
                 break
-        status.masked_fill_(status == RUNNING, Status.MAX_ITER)
-        return SolverResult(
-            z=flat.unflatten(best_z),
-            residual=best_abs,
-            rel_residual=best_rel,
-            n_iter=n_iter,
-            converged=status == Status.CONVERGED,
-            status=status,
-            trace=trace_buf[: int(counter)] if trace else None,
-        )
+        return loop.finish(flat, done)
 
 
-def _capture(block: Callable[[], Any]) -> "torch.cuda.CUDAGraph":
-    """Record ``block`` (already warmed up eagerly) as a CUDA graph."""
+def _capture(loop: _Loop) -> "torch.cuda.CUDAGraph":
+    """Record one block of ``loop`` as a CUDA graph, after a warm-up on a side stream."""
+    saved = [t.clone() for t in _state_tensors(loop)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loop.iteration()  # warm-up: lazy initialisation (cuBLAS handles, FFT plans) happens here
+    torch.cuda.current_stream().wait_stream(stream)
+    for t, s in zip(_state_tensors(loop), saved):
+        t.copy_(s)
     cuda_graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(cuda_graph):
-            block()
+            for _ in range(loop.block):
+                loop.iteration()
     except RuntimeError as err:
         raise RuntimeError(
             "graph=True could not capture the solver loop as a CUDA graph; f must not sync "
@@ -175,3 +236,10 @@ def _capture(block: Callable[[], Any]) -> "torch.cuda.CUDAGraph":
             "Use graph=False for such f."
         ) from err
     return cuda_graph
+
+
+def _state_tensors(loop: _Loop) -> list[Tensor]:
+    own = [loop.z, loop.best_z, loop.best_abs, loop.best_rel, loop.first_r, loop.status, loop.n_iter, loop.it]
+    if loop.trace is not None:
+        own.append(loop.trace)
+    return own + [t for t in vars(loop.method).values() if torch.is_tensor(t)]

@@ -14,9 +14,12 @@ from ._result import SolverResult
 class _Anderson(Method):
     """Type-II Anderson mixing over a ring buffer of the last ``m`` iterates.
 
-    The Gram matrix of past residuals is updated one row per iteration, and the
-    constrained least-squares problem ``min ||G^T a||, sum(a) = 1`` is solved as a
-    regularised bordered system with ``torch.linalg.solve_ex`` (no host sync).
+    The slot written at iteration ``k`` is ``k % m``, chosen on the device. The
+    Gram matrix of past residuals gains one row per iteration, and the
+    constrained least-squares problem ``min ||sum_i a_i g_i||, sum(a) = 1`` is
+    solved as a regularised bordered system with ``torch.linalg.solve_ex`` (no
+    host sync). Slots not yet filled are masked to the identity, so their
+    weights are exactly zero.
     """
 
     def __init__(self, m: int, beta: float, lam: float):
@@ -27,34 +30,43 @@ class _Anderson(Method):
         if lam < 0:
             raise ValueError(f"lam (regularisation) must be non-negative, got {lam}")
         self.m, self.beta, self.lam = int(m), beta, lam
-        self.period = self.m
+
+    def key(self) -> tuple:
+        return ("anderson", self.m, self.beta, self.lam)
 
     def init(self, z: Tensor) -> None:
         B, n = z.shape
-        self.X = z.new_zeros(B, self.m, n)
-        self.G = z.new_zeros(B, self.m, n)
-        self.GG = z.new_zeros(B, self.m, self.m)
-        self.rhs = z.new_zeros(B, self.m + 1, 1)
+        m = self.m
+        self.X = z.new_zeros(B, m, n)
+        self.G = z.new_zeros(B, m, n)
+        self.GG = z.new_zeros(B, m, m)
+        self.rhs = z.new_zeros(B, m + 1, 1)
         self.rhs[:, 0] = 1
+        self.slots = torch.arange(m, device=z.device)
+        self.eye = torch.eye(m, device=z.device, dtype=z.dtype)
 
-    def step(self, i: int, z: Tensor, g: Tensor) -> Tensor:
-        s, k = i % self.m, min(i + 1, self.m)
-        self.X[:, s] = z
-        self.G[:, s] = g
-        row = torch.bmm(self.G[:, :k], g[:, :, None])[..., 0]  # (B, k)
-        self.GG[:, s, :k] = row
-        self.GG[:, :k, s] = row
-        GG = self.GG[:, :k, :k]
-        scale = torch.diagonal(GG, dim1=1, dim2=2).mean(dim=1)
-        reg = (self.lam * scale + torch.finfo(z.dtype).tiny)[:, None, None]
-        H = z.new_zeros(z.shape[0], k + 1, k + 1)
-        H[:, 0, 1:] = 1
-        H[:, 1:, 0] = 1
-        H[:, 1:, 1:] = GG + reg * torch.eye(k, device=z.device, dtype=z.dtype)
-        alpha = torch.linalg.solve_ex(H, self.rhs[:, : k + 1])[0][:, 1:]  # (B, k, 1)
-        alpha = alpha.transpose(1, 2)  # (B, 1, k)
-        mixed = torch.bmm(alpha, self.X[:, :k]) + self.beta * torch.bmm(alpha, self.G[:, :k])
-        return mixed[:, 0]
+    def reset(self) -> None:
+        self.X.zero_()
+        self.G.zero_()
+        self.GG.zero_()
+
+    def step(self, z: Tensor, g: Tensor, it: Tensor) -> Tensor:
+        slot = it % self.m
+        self.X.index_copy_(1, slot, z[:, None])
+        self.G.index_copy_(1, slot, g[:, None])
+        row = torch.bmm(self.G, g[:, :, None])  # (B, m, 1): <g_i, g_new>
+        self.GG.index_copy_(2, slot, row)
+        self.GG.index_copy_(1, slot, row.transpose(1, 2))
+        filled = (self.slots <= it).to(z.dtype)  # (m,)
+        pair = filled[:, None] * filled[None, :]
+        scale = (torch.diagonal(self.GG, dim1=1, dim2=2) * filled).sum(1) / filled.sum()
+        reg = self.lam * scale + torch.finfo(z.dtype).tiny
+        H = z.new_zeros(z.shape[0], self.m + 1, self.m + 1)
+        H[:, 0, 1:] = filled
+        H[:, 1:, 0] = filled
+        H[:, 1:, 1:] = self.GG * pair + self.eye * (reg[:, None, None] * filled + (1 - filled))
+        alpha = torch.linalg.solve_ex(H, self.rhs)[0][:, 1:].transpose(1, 2)  # (B, 1, m)
+        return (torch.bmm(alpha, self.X) + self.beta * torch.bmm(alpha, self.G))[:, 0]
 
 
 def anderson(

@@ -16,7 +16,10 @@ class _Picard(Method):
             raise ValueError(f"damping must be in (0, 1], got {damping}")
         self.damping = damping
 
-    def step(self, i: int, z: Tensor, g: Tensor) -> Tensor:
+    def key(self) -> tuple:
+        return ("picard", self.damping)
+
+    def step(self, z: Tensor, g: Tensor, it: Tensor) -> Tensor:
         return z + self.damping * g
 
 
