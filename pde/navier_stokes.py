@@ -17,8 +17,9 @@ whose Jacobian ``I + L^{-1} N'(w)`` is a compact perturbation of the identity, s
 GMRES inside :func:`implicit.solvers.newton_krylov` needs few iterations at
 moderate Reynolds numbers. ``R = L G`` is the steady residual itself; a sample is
 accepted when ``||R(w)|| / ||f|| <= tol`` (1e-6 by default). Newton starts from the
-Stokes flow; samples it does not converge are retried by continuation in the
-viscosity from ``continuation_viscosity`` down to ``nu``.
+Stokes flow; samples it does not converge are retried by pseudo-transient
+continuation (backward-Euler pseudo-time steps of growing size, each a short
+Newton-Krylov solve of the same preconditioned form) and then Newton again.
 
 Forcing (the FNO-DEQ paper's data, Marwah et al. arXiv 2312.00234; their released
 loader reads the two-component forcing field ``f_curl`` of jax-cfd runs named
@@ -103,12 +104,19 @@ def relative_residual(w: Tensor, f: Tensor, nu: float, grid: SpectralGrid, drag:
     return torch.linalg.vector_norm(r, dim=1) / torch.linalg.vector_norm(f.flatten(1), dim=1)
 
 
-def _preconditioned(f: Tensor, nu: Tensor | float, grid: SpectralGrid, drag: float):
-    """``G(w) = w - L^{-1}(f - N(w))``; ``nu`` may be per sample ``(B,)``; the mean mode is pinned to 0."""
-    nu_b = nu[:, None, None] if isinstance(nu, Tensor) else nu
-    lin = nu_b * grid.k2 + drag
-    inv = torch.where(grid.k2 > 0, 1.0 / torch.where(grid.k2 > 0, lin, 1.0), 0.0)
+def _preconditioned(f: Tensor, nu: float, grid: SpectralGrid, drag: float,
+                    dt: Tensor | None = None, w_prev: Tensor | None = None):
+    """``G(w) = w - L^{-1}(f - N(w))``, the mean mode pinned to 0.
+
+    With a per-sample pseudo-time step ``dt`` ``(B,)`` and previous iterate ``w_prev`` it is
+    the backward-Euler step ``G(w) = w - (1/dt + L)^{-1}(w_prev / dt + f - N(w))``.
+    """
+    lin = nu * grid.k2 + drag
     f_hat = _fft(f)
+    if dt is not None:
+        lin = lin + 1.0 / dt[:, None, None]
+        f_hat = f_hat + _fft(w_prev) / dt[:, None, None]
+    inv = torch.where(grid.k2 > 0, 1.0 / torch.where(grid.k2 > 0, lin, 1.0), 0.0)
 
     def G(w: Tensor) -> Tensor:
         return w - _ifft(inv * (f_hat - advection(w, grid)), grid.n)
@@ -165,9 +173,27 @@ class NSSolution:
     converged: Tensor
 
 
-def _newton(f, nu, w0, grid, drag, tol, opts):
-    res = newton_krylov(_preconditioned(f, nu, grid, drag), w0, tol=tol, stop_mode="rel", **opts)
+def _newton(G, w0, tol, opts):
+    res = newton_krylov(G, w0, tol=tol, stop_mode="rel", **opts)
     return res.z, res.n_iter, res.stats["krylov_iters"]
+
+
+def _pseudo_time(f, nu, w, grid, drag, opts, steps, dt0):
+    """Pseudo-transient continuation (Kelley & Keyes, 1998): backward-Euler steps whose size grows
+    as the residual falls (switched evolution relaxation), each solved by a short Newton-Krylov."""
+    B = f.shape[0]
+    dt = torch.full((B,), dt0, dtype=f.dtype, device=f.device)
+    n_newton = torch.zeros(B, dtype=torch.long, device=f.device)
+    n_krylov = torch.zeros_like(n_newton)
+    r = relative_residual(w, f, nu, grid, drag)
+    short = {**opts, "max_iter": 3}
+    for _ in range(steps):
+        w, a, b = _newton(_preconditioned(f, nu, grid, drag, dt, w), w, 1e-3, short)
+        n_newton, n_krylov = n_newton + a, n_krylov + b
+        r_new = relative_residual(w, f, nu, grid, drag)
+        dt = dt * (r / r_new.clamp_min(1e-300)).clamp(0.5, 10.0)
+        r = r_new
+    return w, n_newton, n_krylov
 
 
 def solve_steady(
@@ -178,19 +204,19 @@ def solve_steady(
     tol: float = 1e-6,
     newton_tol: float = 1e-10,
     max_iter: int = 30,
-    krylov_dim: int = 40,
-    krylov_max_iter: int | None = None,
+    krylov_dim: int = 20,
+    krylov_max_iter: int | None = 60,
     inexact_forcing: float = 1e-3,
-    continuation_viscosity: float | None = None,
-    continuation_steps: int = 6,
+    continuation_steps: int = 20,
+    pseudo_dt: float = 1.0,
     w0: Tensor | None = None,
 ) -> NSSolution:
     """Steady vorticity for a batch of vorticity forcings ``f`` ``(B, n, n)`` (float64 recommended).
 
-    Newton-Krylov on :math:`G` from the Stokes flow (or ``w0``) to ``newton_tol``
-    relative; a sample is converged when ``||R|| / ||f|| <= tol``. Failed samples are
-    retried by viscosity continuation from ``continuation_viscosity`` (default
-    ``20 nu``, skipped when ``continuation_steps`` is 0) down to ``nu``.
+    Newton-Krylov on ``G`` from the Stokes flow (or ``w0``) to ``newton_tol`` relative;
+    a sample is converged when ``||R|| / ||f|| <= tol``. Samples that fail are
+    retried from the Stokes flow by ``continuation_steps`` pseudo-time steps (first
+    step ``pseudo_dt``) followed by Newton; ``continuation_steps=0`` skips that.
     """
     if f.dim() != 3 or f.shape[1] != f.shape[2]:
         raise ValueError(f"forcing must have shape (B, n, n), got {tuple(f.shape)}")
@@ -199,30 +225,23 @@ def solve_steady(
     grid = SpectralGrid(f.shape[1], f.device, f.dtype)
     opts = dict(max_iter=max_iter, krylov_dim=krylov_dim, krylov_max_iter=krylov_max_iter,
                 forcing=inexact_forcing)
-    if w0 is None:
-        lin = nu * grid.k2 + drag
-        w0 = _ifft(torch.where(grid.k2 > 0, _fft(f) / torch.where(grid.k2 > 0, lin, 1.0), 0.0), grid.n)
-    w, n_newton, n_krylov = _newton(f, nu, w0, grid, drag, newton_tol, opts)
+    lin = nu * grid.k2 + drag
+    stokes = _ifft(torch.where(grid.k2 > 0, _fft(f) / torch.where(grid.k2 > 0, lin, 1.0), 0.0), grid.n)
+    w, n_newton, n_krylov = _newton(_preconditioned(f, nu, grid, drag), stokes if w0 is None else w0,
+                                    newton_tol, opts)
     rel = relative_residual(w, f, nu, grid, drag)
     cont = torch.zeros_like(rel, dtype=torch.bool)
     bad = torch.nonzero(~(rel <= tol)).flatten()
     if continuation_steps > 0 and bad.numel() > 0:
         fb = f[bad]
-        nus = torch.logspace(math.log10(continuation_viscosity or 20 * nu), math.log10(nu), continuation_steps + 1,
-                             dtype=torch.float64).tolist()
-        lin = nus[0] * grid.k2 + drag
-        wb = _ifft(torch.where(grid.k2 > 0, _fft(fb) / torch.where(grid.k2 > 0, lin, 1.0), 0.0), grid.n)
-        nb, kb = torch.zeros_like(bad), torch.zeros_like(bad)
-        for i, nu_i in enumerate(nus):
-            last = i == len(nus) - 1
-            wb, a, b = _newton(fb, nu_i, wb, grid, drag, newton_tol if last else 1e-4, opts)
-            nb, kb = nb + a, kb + b
+        wb, nb, kb = _pseudo_time(fb, nu, stokes[bad], grid, drag, opts, continuation_steps, pseudo_dt)
+        wb, a, b = _newton(_preconditioned(fb, nu, grid, drag), wb, newton_tol, opts)
         rb = relative_residual(wb, fb, nu, grid, drag)
         better = rb < rel[bad]
         w[bad] = torch.where(better[:, None, None], wb, w[bad])
         rel[bad] = torch.where(better, rb, rel[bad])
-        n_newton[bad] += nb
-        n_krylov[bad] += kb
+        n_newton[bad] += nb + a
+        n_krylov[bad] += kb + b
         cont[bad] = True
     return NSSolution(w=w, rel_residual=rel, newton_iterations=n_newton, krylov_iterations=n_krylov,
                       continuation=cont, converged=rel <= tol)
@@ -282,10 +301,11 @@ DEFAULTS: dict = {
     "tol": 1e-6,
     "newton_tol": 1e-10,
     "max_iter": 30,
-    "krylov_dim": 40,
+    "krylov_dim": 20,
+    "krylov_max_iter": 60,
     "inexact_forcing": 1e-3,
-    "continuation_viscosity": 0.0,  # 0: 20 * viscosity
-    "continuation_steps": 6,
+    "continuation_steps": 20,  # pseudo-time steps for samples Newton alone does not converge
+    "pseudo_dt": 1.0,
     "dtype": "float64",
 }
 FIELDS = ("forcing", "forcing_x", "forcing_y", "vorticity")
@@ -294,17 +314,17 @@ STATS = ("residual", "newton_iterations", "krylov_iterations", "continuation")
 
 def check_params(p: dict) -> dict:
     """Validate a ``[navier_stokes]`` section (defaults already merged)."""
-    for key in ("resolution", "max_iter", "krylov_dim", "kolmogorov_wavenumber"):
+    for key in ("resolution", "max_iter", "krylov_dim", "krylov_max_iter", "kolmogorov_wavenumber"):
         if not isinstance(p[key], int) or p[key] < 1:
             raise ValueError(f"navier_stokes.{key} must be a positive integer, got {p[key]!r}")
     if p["resolution"] < 4:
         raise ValueError(f"navier_stokes.resolution must be at least 4, got {p['resolution']}")
     if not isinstance(p["continuation_steps"], int) or p["continuation_steps"] < 0:
         raise ValueError(f"navier_stokes.continuation_steps must be a non-negative integer, got {p['continuation_steps']!r}")
-    for key in ("viscosity", "tol", "newton_tol", "inexact_forcing", "peak_wavenumber"):
+    for key in ("viscosity", "tol", "newton_tol", "inexact_forcing", "peak_wavenumber", "pseudo_dt"):
         if not (isinstance(p[key], (int, float)) and p[key] > 0):
             raise ValueError(f"navier_stokes.{key} must be positive, got {p[key]!r}")
-    for key in ("drag", "kolmogorov_amplitude", "perturbation_amplitude", "continuation_viscosity"):
+    for key in ("drag", "kolmogorov_amplitude", "perturbation_amplitude"):
         if not (isinstance(p[key], (int, float)) and p[key] >= 0):
             raise ValueError(f"navier_stokes.{key} must be non-negative, got {p[key]!r}")
     if p["dtype"] not in ("float32", "float64"):
@@ -330,8 +350,8 @@ def generate_chunk(p: dict, batch: int, generator: torch.Generator, device: torc
         perturbation_amplitude=p["perturbation_amplitude"], peak_wavenumber=p["peak_wavenumber"], generator=generator)
     sol = solve_steady(
         f, p["viscosity"], drag=p["drag"], tol=p["tol"], newton_tol=p["newton_tol"], max_iter=p["max_iter"],
-        krylov_dim=p["krylov_dim"], inexact_forcing=p["inexact_forcing"],
-        continuation_viscosity=p["continuation_viscosity"] or None, continuation_steps=p["continuation_steps"])
+        krylov_dim=p["krylov_dim"], krylov_max_iter=p["krylov_max_iter"], inexact_forcing=p["inexact_forcing"],
+        continuation_steps=p["continuation_steps"], pseudo_dt=p["pseudo_dt"])
     return {
         "fields": {"forcing": f, "forcing_x": fx, "forcing_y": fy, "vorticity": sol.w},
         "stats": {"residual": sol.rel_residual, "newton_iterations": sol.newton_iterations,

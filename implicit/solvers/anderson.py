@@ -19,7 +19,8 @@ class _Anderson(Method):
     constrained least-squares problem ``min ||sum_i a_i g_i||, sum(a) = 1`` is
     solved as a regularised bordered system with ``torch.linalg.solve_ex`` (no
     host sync). Slots not yet filled are masked to the identity, so their
-    weights are exactly zero.
+    weights are exactly zero. The buffers hold ``g_i`` (for the Gram matrix) and
+    the mixed points ``z_i + beta g_i`` (so the update reads one buffer, not two).
     """
 
     def __init__(self, m: int, beta: float, lam: float):
@@ -37,7 +38,7 @@ class _Anderson(Method):
     def init(self, z: Tensor) -> None:
         B, n = z.shape
         m = self.m
-        self.X = z.new_zeros(B, m, n)
+        self.P = z.new_zeros(B, m, n)  # z_i + beta * g_i
         self.G = z.new_zeros(B, m, n)
         self.GG = z.new_zeros(B, m, m)
         self.rhs = z.new_zeros(B, m + 1, 1)
@@ -46,13 +47,13 @@ class _Anderson(Method):
         self.eye = torch.eye(m, device=z.device, dtype=z.dtype)
 
     def reset(self) -> None:
-        self.X.zero_()
+        self.P.zero_()
         self.G.zero_()
         self.GG.zero_()
 
     def step(self, z: Tensor, g: Tensor, it: Tensor) -> Tensor:
         slot = it % self.m
-        self.X.index_copy_(1, slot, z[:, None])
+        self.P.index_copy_(1, slot, torch.add(z, g, alpha=self.beta)[:, None])
         self.G.index_copy_(1, slot, g[:, None])
         row = torch.bmm(self.G, g[:, :, None])  # (B, m, 1): <g_i, g_new>
         self.GG.index_copy_(2, slot, row)
@@ -66,7 +67,7 @@ class _Anderson(Method):
         H[:, 1:, 0] = filled
         H[:, 1:, 1:] = self.GG * pair + self.eye * (reg[:, None, None] * filled + (1 - filled))
         alpha = torch.linalg.solve_ex(H, self.rhs)[0][:, 1:].transpose(1, 2)  # (B, 1, m)
-        return (torch.bmm(alpha, self.X) + self.beta * torch.bmm(alpha, self.G))[:, 0]
+        return torch.bmm(alpha, self.P)[:, 0]
 
 
 def anderson(
