@@ -9,8 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ["implicit.demo", "pde.cli_data"]  # modules with add_parser(subparsers)
-BENCHMARKS = ["implicit.bench.solvers"]  # added under `implicit bench`
+# Modules with add_parser(subparsers); a family not installed yet is skipped.
+COMMANDS = [
+    "implicit.demo",
+    "pde.cli_data",  # data generate|show
+    "pde.cli_train",  # train, evaluate
+    "implicit.diffusion.cli",  # diffusion train|sample|invert
+    "implicit.studies.cli",  # study path-independence
+]
+BENCHMARKS = ["implicit.bench.solvers"]  # modules added under `implicit bench`
 
 
 def _add(subparsers, module: str) -> None:
