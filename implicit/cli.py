@@ -24,7 +24,8 @@ def _add(subparsers, module: str) -> None:
     try:
         importlib.import_module(module).add_parser(subparsers)
     except ModuleNotFoundError as err:
-        if err.name != module:  # a missing dependency is a real error; a missing family is not
+        missing_family = err.name is not None and (module + ".").startswith(err.name + ".")
+        if not missing_family:  # a missing dependency is a real error; a family not built yet is not
             raise
 
 
