@@ -201,7 +201,7 @@ DEFAULTS: dict = {
     "dtype": "float64",
 }
 FIELDS = ("coefficient", "solution")
-STATS = ("residual", "iterations")
+STATS = {"residual": "f8", "iterations": "i8"}  # per-sample diagnostics and their HDF5 dtypes
 
 
 def check_params(p: dict) -> dict:

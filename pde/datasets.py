@@ -186,8 +186,7 @@ def _create(tmp: Path, recipe: dict, split: str, device: torch.device) -> h5py.F
         d.dims[0].attach_scale(sample)
         d.dims[1].attach_scale(f["x"])
         d.dims[2].attach_scale(f["y"])
-    for name in mod.STATS:
-        dt = "i8" if "iter" in name else "f8"
+    for name, dt in mod.STATS.items():
         d = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
         d.dims[0].attach_scale(sample)
     a = f.attrs

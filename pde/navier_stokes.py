@@ -309,7 +309,7 @@ DEFAULTS: dict = {
     "dtype": "float64",
 }
 FIELDS = ("forcing", "forcing_x", "forcing_y", "vorticity")
-STATS = ("residual", "newton_iterations", "krylov_iterations", "continuation")
+STATS = {"residual": "f8", "newton_iterations": "i8", "krylov_iterations": "i8", "continuation": "i8"}
 
 
 def check_params(p: dict) -> dict:

@@ -213,3 +213,25 @@ def test_cli_generate_and_show(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pde.cli_data", "data", "generate", str(tmp_path / "nope.toml")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_rejected_draws_are_counted_and_skipped(tmp_path, monkeypatch):
+    """A generator whose odd draws fail: the file still gets n samples, the sample coordinate names the draws."""
+    import types
+
+    from pde import datasets
+
+    def chunk(p, batch, generator, device):
+        z = torch.randn(batch, 4, 4, generator=generator, dtype=torch.float64)
+        idx = torch.arange(batch)
+        return {"fields": {"a": z}, "stats": {"residual": idx.double()}, "accepted": idx % 2 == 0}
+
+    fake = types.SimpleNamespace(DEFAULTS={}, FIELDS=("a",), STATS={"residual": "f8"}, check_params=lambda p: p,
+                                 resolution=lambda p: 4, generate_chunk=chunk)
+    monkeypatch.setitem(datasets.GENERATORS, "fake", fake)
+    recipe = {"name": "fake", "generator": "fake", "chunk_size": 4, "splits": {"train": 5}}
+    out = generate_split(recipe, "train", tmp_path, progress=False)
+    assert out["n_samples"] == 5 and out["n_rejected"] == 4  # draws 0..8: 1, 3, 5, 7 rejected
+    with h5py.File(tmp_path / "fake_train.h5", "r") as f:
+        assert list(f["sample"][...]) == [0, 2, 4, 6, 8]
+        assert f.attrs["n_rejected"] == 4 and f.attrs["n_drawn"] == 9
