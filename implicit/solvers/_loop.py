@@ -66,7 +66,8 @@ def check_options(tol: float, max_iter: int, stop_mode: str, check_every: int) -
 class _Loop:
     """State and one-iteration body of a solve, reusable across calls of the same shape."""
 
-    def __init__(self, F, z: Tensor, method: Method, tol, max_iter, stop_mode, trace, diverge_factor, block):
+    def __init__(self, F, z: Tensor, method: Method, tol, max_iter, stop_mode, trace, diverge_factor, block,
+                 compile: bool = False):
         B, dev, dt = z.shape[0], z.device, z.dtype
         self.F, self.method, self.tol, self.max_iter = F, method, tol, max_iter
         self.rel, self.diverge_factor, self.block = stop_mode == "rel", diverge_factor, block
@@ -82,6 +83,8 @@ class _Loop:
         self.tiny = torch.finfo(dt).tiny
         method.init(z)
         self.cuda_graph = None
+        # Everything after f in one iteration; compiled, its many small kernels fuse into a few.
+        self.update = torch.compile(self._update, fullgraph=True, dynamic=False) if compile else self._update
 
     def reset(self, z0: Tensor) -> None:
         self.z.copy_(z0)
@@ -94,8 +97,10 @@ class _Loop:
         self.method.reset()
 
     def iteration(self) -> None:
+        self.update(self.F(self.z))
+
+    def _update(self, fz: Tensor) -> None:
         z, it = self.z, self.it
-        fz = self.F(z)
         g = fz - z
         abs_r = batch_norm(g)
         rel_r = abs_r / (batch_norm(fz) + self.tiny)
@@ -145,8 +150,8 @@ class _Loop:
         )
 
 
-# Captured loops, kept as long as the f they were captured for is alive.
-_GRAPH_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+# Captured or compiled loops, kept as long as the f they were made for is alive.
+_LOOP_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def iterate(
@@ -160,6 +165,7 @@ def iterate(
     check_every: int = 4,
     trace: bool = False,
     graph: bool = False,
+    compile: bool = False,
     diverge_factor: float | None = None,
 ) -> SolverResult:
     """Run ``method`` on the fixed-point problem ``z = f(z)`` from ``z0``.
@@ -177,6 +183,8 @@ def iterate(
             first time and replay it, in this and later calls with the same ``f`` object,
             shapes and options. ``f`` must read its inputs from the same tensors each call
             (update them in place) and must not sync with the host.
+        compile: fuse the loop's bookkeeping and the method's update with
+            :func:`torch.compile` (compiled once per cached loop; pays off with ``graph=True``).
         diverge_factor: mark a sample ``DIVERGED`` once its absolute residual exceeds
             this multiple of its first one (``None``: never).
 
@@ -188,21 +196,19 @@ def iterate(
     with torch.no_grad():
         z = flat.flatten(z0)
         use_graph = graph and z.device.type == "cuda"
-        args = (tol, max_iter, stop_mode, trace, diverge_factor, check_every)
+        args = (tol, max_iter, stop_mode, trace, diverge_factor, check_every, compile)
         loop = None
-        if use_graph:
+        if use_graph or compile:  # reuse the captured graph / compiled update across calls
             try:
-                cache = _GRAPH_CACHE.setdefault(f, {})
+                cache = _LOOP_CACHE.setdefault(f, {})
             except TypeError:
-                raise TypeError("graph=True caches the captured loop on f, so f must support weak "
+                raise TypeError("graph=True and compile=True cache the loop on f, so f must support weak "
                                 f"references (a function or module); got {type(f).__name__}") from None
             key = (tuple(z.shape), z.dtype, z.device, method.key(), args)
             loop = cache.get(key)
-            if loop is not None:
-                method = loop.method
         if loop is None:
-            loop = _Loop(flat.wrap(f), z, method, *args[:5], check_every)
-            if use_graph:
+            loop = _Loop(flat.wrap(f), z, method, *args)
+            if use_graph or compile:
                 cache[key] = loop
         loop.reset(z)
         done = 0
