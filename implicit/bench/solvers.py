@@ -69,11 +69,12 @@ def fno_case(device: torch.device, small: bool) -> tuple[nn.Module, torch.Tensor
     return layer, u
 
 
-def _ours(name: str, graph: bool, compile: bool = False):
+def _ours(name: str, graph: bool, compile: bool = False, check_every: int = 4):
     solver = SOLVERS[name]
 
     def run(f, z0):
-        r = solver(f, z0, tol=TOL, max_iter=200, stop_mode="rel", graph=graph, compile=compile)
+        r = solver(f, z0, tol=TOL, max_iter=200, stop_mode="rel", graph=graph, compile=compile,
+                   check_every=check_every)
         return int(r.n_iter.max()), bool(r.converged.all())
 
     return run
@@ -102,6 +103,8 @@ def solver_table(layer: nn.Module, x: torch.Tensor, device: torch.device, repeat
         if device.type == "cuda":
             runners |= {f"ours_{n}_graph": _ours(n, True) for n in ("anderson", "broyden", "picard")}
             runners |= {f"ours_{n}_graph_compiled": _ours(n, True, True) for n in ("anderson", "picard")}
+            # a host check every iteration wastes no iterations past convergence; costs a sync each
+            runners["ours_anderson_graph_compiled_check1"] = _ours("anderson", True, True, check_every=1)
         runners |= {f"torchdeq_{n}": _torchdeq(n) for n in ("anderson", "broyden", "fixed_point_iter")}
         for name, run in runners.items():
             seconds, (iters, converged) = timed(lambda: run(f, z0), device, repeats=repeats)
