@@ -15,6 +15,8 @@ COMMANDS = [
     "pde.cli_data",  # data generate|show
     "pde.cli_train",  # train, evaluate
     "implicit.diffusion.cli",  # diffusion train|sample|invert
+    "implicit.get.cli",  # get pairs|train|sample
+    "implicit.ode.cli",  # ode fit
     "implicit.studies.cli",  # study path-independence
 ]
 BENCHMARKS = ["implicit.bench.solvers"]  # modules added under `implicit bench`
