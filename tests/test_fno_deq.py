@@ -1,0 +1,126 @@
+"""FNO-DEQ and its baselines: fixed point, implicit gradient, registry, checkpoints (CPU, tiny)."""
+
+import pytest
+import torch
+
+from pde.models import FNODEQ, IFNO, available_models, build_model, cast_model, count_parameters
+
+TINY = dict(width=4, modes=3, norm=None)
+
+
+def _contractive_deq(**kwargs) -> FNODEQ:
+    """A float64 FNO-DEQ whose block is a contraction at this scale (weights shrunk)."""
+    torch.manual_seed(0)
+    m = cast_model(build_model("fno-deq", **TINY, tol=1e-11, max_iter=200, **kwargs), torch.float64)
+    with torch.no_grad():
+        for p in m.block.parameters():
+            p.mul_(0.5)
+    return m
+
+
+def _x(s: int = 9) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 1, s, s, dtype=torch.float64)
+
+
+def test_forward_is_fixed_point_of_block():
+    m = _contractive_deq()
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        z = m.last_state
+        fz = m.block(z, m.stem(x))
+    rel = ((fz - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)).max()
+    assert rel < 1e-9
+    assert m.last_stats["converged"] == 1.0
+
+
+def test_implicit_gradient_matches_unrolled_autograd():
+    deq = _contractive_deq(backward="ift", backward_options={"tol": 1e-12, "max_iter": 200})
+    unrolled = cast_model(IFNO(**TINY, iterations=120), torch.float64)
+    missing, _ = unrolled.load_state_dict(deq.state_dict(), strict=False)
+    assert not missing
+    x = _x().requires_grad_()
+    target = torch.randn(2, 1, 9, 9, dtype=torch.float64)
+    grads = []
+    for model in (deq, unrolled):
+        model.zero_grad()
+        x.grad = None
+        loss = ((model(x) - target) ** 2).sum()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("deq.")}
+                     | {"input": x.grad.clone()})
+    assert deq.last_adjoint["residual"] < 1e-9
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("backward,opts", [("phantom", {"steps": 1, "damping": 0.5}), ("jfb", {}),
+                                           ("unrolled", {"steps": 2})])
+def test_other_backwards_give_finite_gradients(backward, opts):
+    m = build_model("fno-deq", width=4, modes=3, max_iter=6, backward=backward, backward_options=opts)
+    x = torch.randn(2, 1, 9, 9)
+    m(x).pow(2).mean().backward()
+    grads = [p.grad for p in m.block.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert m.last_stats["n_iter"] <= 6
+
+
+def test_warm_start_needs_fewer_iterations():
+    m = _contractive_deq()
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        cold = m.last_stats["n_iter"]
+        m(x, z0=m.last_state)
+    assert m.last_stats["n_iter"] < cold
+
+
+def test_pretrain_steps_unroll_then_solve():
+    m = build_model("fno-deq", width=4, modes=3, max_iter=5, pretrain_steps=2, pretrain_iter=3)
+    x = torch.randn(2, 1, 9, 9)
+    modes = []
+    for _ in range(3):
+        m(x).mean().backward()
+        modes.append(m.last_stats["mode"])
+    assert modes == ["pretrain", "pretrain", "deq"]
+    assert int(m.train_steps) == 3
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    assert m.last_stats["mode"] == "deq" and int(m.train_steps) == 3
+
+
+@pytest.mark.parametrize("name,kw", [("fno", {"depth": 2}), ("fno++", {"depth": 2}), ("ifno", {"iterations": 3}),
+                                     ("fno-deq", {"max_iter": 4})])
+def test_models_rebuild_from_config_and_state(name, kw):
+    torch.manual_seed(0)
+    m = build_model(name, in_channels=2, out_channels=1, width=4, modes=3, **kw).eval()
+    x = torch.randn(3, 2, 11, 11)
+    cfg = m.config()
+    assert cfg["model"] == name
+    m2 = build_model(cfg.pop("model"), **cfg).eval()
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m2(x))
+        assert m(x).shape == (3, 1, 11, 11)
+        assert m(torch.randn(1, 2, 15, 15)).shape == (1, 1, 15, 15)  # another resolution
+
+
+def test_paper_sizes():
+    # width 32, 12 modes: FNO-DEQ and depth-1 FNO about 2.4M parameters in the paper (2.57M here)
+    n_deq = count_parameters(build_model("fno-deq"))
+    n_fno4 = count_parameters(build_model("fno", depth=4))
+    assert 2.3e6 < n_deq < 2.8e6 and 7.5e6 < n_fno4 < 8.6e6
+
+
+def test_bad_names_and_values():
+    with pytest.raises(ValueError, match="fno-deq"):
+        build_model("fno-xyz")
+    with pytest.raises(ValueError, match="depth"):
+        build_model("fno", depth=0)
+    with pytest.raises(ValueError, match="norm"):
+        build_model("fno-deq", norm="layer")
+    with pytest.raises(TypeError, match="keyword"):
+        FNODEQ(1)
+    assert set(available_models()) >= {"fno", "fno++", "ifno", "fno-deq"}
