@@ -117,8 +117,10 @@ def solver_table(layer: nn.Module, x: torch.Tensor, device: torch.device, repeat
 
 def backward_and_memory(layer: nn.Module, x: torch.Tensor, device: torch.device, repeats: int) -> dict:
     """Exact implicit backward time over forward solve time; peak memory at 10 vs 100 iterations."""
+    adjoint = {}
     deq = DEQ(layer, solver="anderson", tol=TOL, max_iter=200, backward="ift",
-              backward_options={"tol": TOL, "max_iter": 200})
+              backward_options={"tol": TOL, "max_iter": 200,
+                                "on_result": lambda r: adjoint.update(iterations=int(r.n_iter.max()))})
 
     def forward():
         with torch.no_grad():
@@ -144,7 +146,10 @@ def backward_and_memory(layer: nn.Module, x: torch.Tensor, device: torch.device,
 
         memory[iters] = peak_memory(fixed_step, device)
         layer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        forward_iterations = int(deq(x)[1].n_iter.max())
     return {
+        "forward_iterations": forward_iterations, "adjoint_iterations": adjoint.get("iterations"),
         "forward_ms": fwd * 1e3, "backward_ms": (step - fwd) * 1e3, "backward_over_forward": (step - fwd) / fwd,
         "peak_train_memory_bytes_10_iters": memory[10], "peak_train_memory_bytes_100_iters": memory[100],
     }
