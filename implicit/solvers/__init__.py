@@ -17,6 +17,7 @@ from .broyden import broyden
 from .linear import cg, gmres
 from .newton_krylov import newton_krylov
 from .picard import picard
+from .recurrence import RECURRENCE_METHODS, rollout, solve_recurrence
 
 SOLVERS: dict[str, Callable[..., SolverResult]] = {
     "anderson": anderson,
@@ -51,4 +52,5 @@ __all__ = [
     "SOLVERS", "Method", "NonConvergenceWarning", "NonFiniteError", "SolverResult", "Status",
     "anderson", "broyden", "cg", "get_solver", "gmres", "iterate", "newton_krylov", "picard",
     "register_solver", "solve",
+    "RECURRENCE_METHODS", "rollout", "solve_recurrence",
 ]

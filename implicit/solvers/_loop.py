@@ -35,7 +35,14 @@ class Method:
     ``init`` allocates state; ``reset`` zeroes it in place (so cached CUDA graphs
     stay valid); ``step`` proposes the next iterate from ``z``, ``g = f(z) - z``
     and the device iteration counter ``it`` (shape ``(1,)``, 0 at the first call).
+
+    A method whose iterate is final only when the method says so (the sliding
+    window of :func:`implicit.solvers.solve_recurrence`) sets ``finished`` to a
+    ``(B,)`` bool tensor it updates in place; a sample then converges only when
+    its residual is within tolerance *and* its ``finished`` flag is set.
     """
+
+    finished: Tensor | None = None
 
     def key(self) -> tuple:
         """Options that change the kernels ``step`` launches (part of the graph cache key)."""
@@ -113,7 +120,10 @@ class _Loop:
         self.best_abs.copy_(torch.where(better, abs_r, self.best_abs))
         self.best_rel.copy_(torch.where(better, rel_r, self.best_rel))
         new = torch.where(running & ~finite, Status.NONFINITE, self.status)
-        new = torch.where(running & finite & (r <= self.tol), Status.CONVERGED, new)
+        within = r <= self.tol
+        if self.method.finished is not None:
+            within = within & self.method.finished
+        new = torch.where(running & finite & within, Status.CONVERGED, new)
         if self.diverge_factor is not None:
             self.first_r.copy_(torch.where(it == 0, abs_r, self.first_r))
             diverged = running & finite & (abs_r > self.diverge_factor * self.first_r)

@@ -1,0 +1,317 @@
+"""Parallel-in-time solution of a recurrence ``x_{k+1} = step(x_k, k)`` as one fixed point.
+
+Given ``x_0`` and ``K`` steps, the whole trajectory ``X = (x_1, ..., x_K)`` solves
+``X = T(X)`` with ``T(X)_k = step(x_{k-1}, k-1)``: one evaluation of ``T`` applies
+``step`` to all ``K`` states at once (one batched model call, chunked to a memory
+budget), so the ``K`` sequential calls become a few parallel rounds. This is the
+view of DEQ-DDIM (Pokle et al., arXiv 2210.12867), ParaDiGMS (Shih et al., arXiv
+2305.16317) and ParaTAA (Tang et al., arXiv 2402.09970). The methods:
+
+- ``"picard"``: Jacobi sweeps ``X <- T(X)``. Because ``T`` is lower triangular in
+  time, sweep ``j`` makes the first ``j`` states exact: at most ``K`` sweeps.
+- ``"anderson"``: Anderson acceleration on the stacked trajectory (DEQ-DDIM, and in
+  spirit ParaTAA), usually far fewer rounds than Picard.
+- ``"newton"``: Newton on the trajectory with the block-bidiagonal linear step solved
+  by a parallel scan (DEER; :mod:`implicit.solvers.newton_recurrence`): a handful of
+  rounds for smooth dynamics, at the cost of ``d x d`` Jacobians per step.
+- ``"window"``: ParaDiGMS's sliding window: each round applies ``step`` to ``window``
+  states from the first non-final one; states whose input moved by at most ``tol``
+  are final and the window slides past them; states entering the window start from
+  the newest computed state.
+
+All three run in the shared loop :func:`implicit.solvers.iterate` (so they get its
+per-sample statuses, NaN detection, sync-every-k and CUDA-graph capture); the
+window sets the loop's ``Method.finished`` flag, because a small change inside the
+window does not mean the states beyond it are done. Gradients through the
+solution use :mod:`implicit.backward` on the full map ``T``: exact implicit
+differentiation (``"ift"``; the adjoint of a triangular ``T`` is exact in ``K``
+Picard sweeps), ``"phantom"``, ``"jfb"`` or ``"unrolled"``.
+
+The neural ODE/SDE trajectories and the DDIM chain both call :func:`solve_recurrence`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ._loop import Method, iterate
+from ._result import SolverResult
+from .anderson import _Anderson
+from .picard import _Picard
+
+__all__ = ["RECURRENCE_METHODS", "rollout", "solve_recurrence"]
+
+RECURRENCE_METHODS = ("picard", "anderson", "window", "newton")
+
+Step = Callable[..., Tensor]
+
+
+def _call_step(step: Step, x: Tensor, k: Tensor, u: Tensor | None, chunk: int | None) -> Tensor:
+    """``step`` on rows ``x`` (N, ...) at step indices ``k`` (N,), at most ``chunk`` rows per call."""
+    n = x.shape[0]
+    if chunk is None or chunk >= n:
+        return step(x, k) if u is None else step(x, k, u)
+    outs = []
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        outs.append(step(x[a:b], k[a:b]) if u is None else step(x[a:b], k[a:b], u[a:b]))
+    return torch.cat(outs)
+
+
+class _TrajectoryMap:
+    """``T(X) = [step(x_0, 0), step(x_1, 1), ..., step(x_{K-1}, K-1)]`` on ``X`` of shape (B, K, ...)."""
+
+    def __init__(self, step: Step, x0: Tensor, inputs: Tensor | None, K: int, chunk: int | None):
+        self.step, self.x0, self.inputs, self.K, self.chunk = step, x0, inputs, K, chunk
+        B = x0.shape[0]
+        self.k = torch.arange(K, device=x0.device).repeat(B)  # row b*K + k is step k of sample b
+
+    def __call__(self, X: Tensor) -> Tensor:
+        B, K, S = X.shape[0], self.K, X.shape[2:]
+        prev = torch.cat([self.x0[:, None], X[:, :-1]], dim=1).reshape(B * K, *S)
+        u = None if self.inputs is None else self.inputs.reshape(B * K, *self.inputs.shape[2:])
+        return _call_step(self.step, prev, self.k, u, self.chunk).reshape(B, K, *S)
+
+
+class _WindowMap(_TrajectoryMap):
+    """``T`` applied only inside each sample's window ``[s, s + w)``; other states pass through."""
+
+    def __init__(self, step, x0, inputs, K, chunk, method: "_Window"):
+        super().__init__(step, x0, inputs, K, chunk)
+        self.method = method
+        self.offsets = torch.arange(method.w, device=x0.device)
+        self.rows = torch.arange(x0.shape[0], device=x0.device)[:, None]
+
+    def __call__(self, X: Tensor) -> Tensor:
+        B, K, S, w = X.shape[0], self.K, X.shape[2:], self.method.w
+        idx = self.method.s[:, None] + self.offsets  # (B, w): step indices, i.e. input positions
+        valid = idx < K
+        idxc = idx.clamp(max=K - 1)
+        full = torch.cat([self.x0[:, None], X], dim=1)  # position p holds x_p
+        prev = full[self.rows, idxc].reshape(B * w, *S)
+        u = None if self.inputs is None else self.inputs[self.rows, idxc].reshape(B * w, *self.inputs.shape[2:])
+        out = _call_step(self.step, prev, idxc.reshape(-1), u, self.chunk).reshape(B, w, *S)
+        buf = torch.cat([X, X[:, :1]], dim=1)  # slot K is scratch for rows outside the trajectory
+        buf[self.rows, torch.where(valid, idx, K)] = out
+        return buf[:, :K]
+
+
+class _Window(Method):
+    """Sliding-window Picard (ParaDiGMS): advance each sample's window past its final states."""
+
+    def __init__(self, w: int, K: int, tol: float, rel: bool, fill: bool):
+        self.w, self.K, self.tol, self.rel, self.fill = w, K, tol, rel, fill
+
+    def key(self) -> tuple:
+        return ("window", self.w, self.K, self.tol, self.rel, self.fill)
+
+    def init(self, z: Tensor) -> None:
+        B, dev = z.shape[0], z.device
+        self.s = torch.zeros(B, device=dev, dtype=torch.long)  # states x_1..x_s are final
+        self.frontier = torch.zeros(B, device=dev, dtype=torch.long)  # states from here on never computed
+        self.finished = torch.zeros(B, device=dev, dtype=torch.bool)
+        self.offsets = torch.arange(self.w, device=dev)
+        self.rows = torch.arange(B, device=dev)[:, None]
+
+    def reset(self) -> None:
+        self.s.zero_()
+        self.frontier.zero_()
+        self.finished.zero_()
+
+    def step(self, z: Tensor, g: Tensor, it: Tensor) -> Tensor:
+        B, K, w = z.shape[0], self.K, self.w
+        new = (z + g).view(B, K, -1)
+        idx = self.s[:, None] + self.offsets
+        valid = idx < K
+        idxc = idx.clamp(max=K - 1)
+        err = torch.linalg.vector_norm(g.view(B, K, -1)[self.rows, idxc], dim=2)
+        if self.rel:
+            err = err / (torch.linalg.vector_norm(new[self.rows, idxc], dim=2) + torch.finfo(z.dtype).tiny)
+        bad = valid & ~(err <= self.tol)  # a NaN counts as not converged
+        # Output j is final when its input (output j-1 of the last round) moved by <= tol.
+        stride = torch.where(bad.any(1), bad.int().argmax(1) + 1, w)
+        s_new = torch.clamp(self.s + stride, max=K)
+        frontier = torch.maximum(self.frontier, torch.clamp(self.s + w, max=K))
+        if self.fill:  # states entering the window start from the newest computed state
+            q = s_new[:, None] + self.offsets
+            enter = (q < K) & (q >= frontier[:, None])
+            src = new[self.rows, torch.where(enter, frontier[:, None] - 1, 0)]
+            buf = torch.cat([new, new[:, :1]], dim=1)
+            buf[self.rows, torch.where(enter, q, K)] = src
+            new = buf[:, :K]
+            frontier = torch.maximum(frontier, torch.clamp(s_new + w, max=K))
+        self.frontier.copy_(frontier)
+        self.s.copy_(s_new)
+        self.finished.copy_(s_new >= K)
+        return new.reshape(B, -1)
+
+
+# Maps and methods kept per step function when graph=True, so the loop's captured graph is reused.
+_GRAPH_MAPS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _check(step, x0, n_steps, method, inputs, init, window, chunk) -> None:
+    if not callable(step):
+        raise TypeError(f"step must be callable, got {type(step).__name__}")
+    if not torch.is_tensor(x0) or x0.dim() < 1 or not x0.is_floating_point():
+        raise ValueError("x0 must be a floating-point tensor with a leading batch dimension (B, ...)")
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps}")
+    if method not in RECURRENCE_METHODS:
+        raise ValueError(f'Unknown recurrence method "{method}". Must be one of {sorted(RECURRENCE_METHODS)}.')
+    B = x0.shape[0]
+    if inputs is not None and (not torch.is_tensor(inputs) or tuple(inputs.shape[:2]) != (B, n_steps)):
+        got = tuple(inputs.shape) if torch.is_tensor(inputs) else type(inputs).__name__
+        raise ValueError(f"inputs must have shape (B, n_steps, ...) = ({B}, {n_steps}, ...), got {got}")
+    if init is not None and (not torch.is_tensor(init) or tuple(init.shape) != (B, n_steps, *x0.shape[1:])):
+        got = tuple(init.shape) if torch.is_tensor(init) else type(init).__name__
+        raise ValueError(f"init must have shape (B, n_steps, ...) = {(B, n_steps, *x0.shape[1:])}, got {got}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive integer, got {window}")
+    if chunk is not None and (int(chunk) != chunk or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk}")
+
+
+def solve_recurrence(
+    step: Step,
+    x0: Tensor,
+    n_steps: int,
+    *,
+    method: str = "anderson",
+    inputs: Tensor | None = None,
+    init: Tensor | None = None,
+    tol: float = 1e-5,
+    max_iter: int | None = None,
+    stop_mode: str = "rel",
+    window: int | None = None,
+    fill: bool = True,
+    chunk: int | None = None,
+    check_every: int = 4,
+    trace: bool = False,
+    graph: bool = False,
+    backward: str | Callable[..., Tensor] | None = "ift",
+    backward_options: dict | None = None,
+    **method_options: Any,
+) -> SolverResult:
+    """Solve ``x_{k+1} = step(x_k, k)``, ``k = 0..n_steps-1``, for all ``k`` at once.
+
+    Args:
+        step: ``step(x, k) -> x_next`` on a batch of states ``x`` (N, ...) with step indices
+            ``k`` (N,) (long, on ``x0``'s device); rows mix samples and steps freely. With
+            ``inputs``, called as ``step(x, k, u)`` with the matching rows ``u`` of ``inputs``.
+        x0: initial states (B, ...).
+        n_steps: ``K``, the number of steps.
+        method: ``"picard"``, ``"anderson"`` or ``"window"`` (see the module docstring).
+        inputs: optional per-step data (B, K, ...), e.g. DDIM or SDE noise, gathered per row.
+        init: initial guess of the trajectory (B, K, ...); default ``x0`` repeated.
+        tol: tolerance in ``stop_mode`` on the whole trajectory (``"picard"``, ``"anderson"``),
+            or on each state's change per round (``"window"``).
+        max_iter: most rounds (evaluations of the map); default ``K + 1``, enough for Picard
+            and the window to be exact (``2 K`` for Anderson).
+        stop_mode: ``"rel"`` or ``"abs"``, as in :func:`implicit.solvers.iterate`.
+        window: states per round of ``"window"`` (default ``min(K, 32)``).
+        fill: ``"window"`` starts entering states from the newest computed one (ParaDiGMS).
+        chunk: most rows per ``step`` call (a memory budget); ``None``: one call per round.
+        check_every, trace, graph: as in :func:`implicit.solvers.iterate`; with ``graph=True``
+            the map is cached on ``step`` (which must then be weak-referenceable and capturable).
+        backward: gradient strategy from :mod:`implicit.backward` used when autograd is on
+            (``"ift"``, ``"phantom"``, ``"jfb"``, ``"unrolled"``, or ``None`` for a detached result).
+        backward_options: options for it (for ``"ift"``: ``solver``, default ``"picard"``, exact
+            after ``K`` sweeps of the nilpotent adjoint; ``tol``; ``max_iter``, default ``K + 1``).
+        method_options: Anderson's ``m``, ``beta``, ``lam``, or Picard's ``damping``.
+
+    Returns:
+        A :class:`SolverResult` whose ``z`` is the trajectory ``(B, K, ...)``: ``z[:, k]`` is
+        ``x_{k+1}``, so ``z[:, -1]`` is the final state. ``n_iter`` counts parallel rounds per
+        sample; ``stats`` holds ``"rounds"`` (B,), ``"states_per_round"`` and ``"step_evaluations"`` (B,).
+
+    Raises:
+        ValueError: on bad shapes or option values.
+    """
+    _check(step, x0, n_steps, method, inputs, init, window, chunk)
+    K, B = int(n_steps), x0.shape[0]
+    if max_iter is None:  # Picard and the window are exact after K rounds; Anderson has no such bound
+        max_iter = 2 * K if method == "anderson" else K + 1
+    w = min(K, 32 if window is None else int(window))
+    if method == "window":
+        rule: Method = _Window(w, K, tol, stop_mode == "rel", fill)
+    elif method == "newton":  # DEER: Newton with a parallel-scan solve (implicit/solvers/newton_recurrence.py)
+        from .newton_recurrence import NewtonRecurrence
+
+        rule = NewtonRecurrence(step, x0.detach(), K, None if inputs is None else inputs.detach(), chunk)
+    elif method == "anderson":
+        rule = _Anderson(method_options.pop("m", 5), method_options.pop("beta", 1.0), method_options.pop("lam", 1e-4))
+    else:
+        rule = _Picard(method_options.pop("damping", 1.0))
+    if method_options:
+        raise ValueError(f"unexpected options for method {method!r}: {sorted(method_options)}")
+
+    x0d = x0.detach()
+    ud = None if inputs is None else inputs.detach()
+    if graph and x0.device.type == "cuda":
+        key = (method, rule.key(), tuple(x0.shape), x0.dtype, x0.device, K, chunk,
+               None if ud is None else (tuple(ud.shape), ud.dtype))
+        try:
+            cache = _GRAPH_MAPS.setdefault(step, {})
+        except TypeError:
+            raise TypeError("graph=True caches the trajectory map on step, so step must support weak "
+                            f"references (a function or module); got {type(step).__name__}") from None
+        if key not in cache:
+            x0_buf = x0d.clone()
+            u_buf = None if ud is None else ud.clone()
+            F = (_WindowMap(step, x0_buf, u_buf, K, chunk, rule) if method == "window"
+                 else _TrajectoryMap(step, x0_buf, u_buf, K, chunk))
+            cache[key] = F
+        F = cache[key]
+        F.x0.copy_(x0d)
+        if ud is not None:
+            F.inputs.copy_(ud)
+        if method == "window":
+            rule = F.method
+    else:
+        F = _WindowMap(step, x0d, ud, K, chunk, rule) if method == "window" else _TrajectoryMap(step, x0d, ud, K, chunk)
+
+    z0 = x0d[:, None].expand(B, K, *x0.shape[1:]).contiguous() if init is None else init.detach()
+    result = iterate(F, z0, rule, tol=tol, max_iter=max_iter, stop_mode=stop_mode, check_every=check_every,
+                     trace=trace, graph=graph)
+    per_round = w if method == "window" else K
+    stats = dict(result.stats, rounds=result.n_iter, states_per_round=per_round,
+                 step_evaluations=result.n_iter * per_round)
+    z = result.z
+    if backward is not None and torch.is_grad_enabled():
+        z = _attach_gradient(step, x0, inputs, K, chunk, z, backward, backward_options)
+    return dataclasses.replace(result, z=z, stats=stats)
+
+
+def _attach_gradient(step, x0, inputs, K, chunk, z_star, backward, options) -> Tensor:
+    """Rebuild the solution with the chosen backward strategy on the full map ``T``."""
+    from ..backward import get_backward  # backward imports the solvers package
+
+    F = _TrajectoryMap(step, x0, inputs, K, chunk)
+    shape = z_star.shape
+    B = shape[0]
+
+    def f_flat(v: Tensor) -> Tensor:
+        return F(v.reshape(shape)).reshape(B, -1)
+
+    opts = dict(options or {})
+    if backward == "ift":  # the adjoint of a triangular map is exact after K Picard sweeps
+        opts.setdefault("solver", "picard")
+        opts.setdefault("max_iter", K + 1)
+    return get_backward(backward)(f_flat, z_star.reshape(B, -1), **opts).reshape(shape)
+
+
+def rollout(step: Step, x0: Tensor, n_steps: int, *, inputs: Tensor | None = None) -> Tensor:
+    """The sequential reference: ``K`` calls of ``step``; returns the trajectory (B, K, ...)."""
+    _check(step, x0, n_steps, "picard", inputs, None, None, None)
+    B, x, xs = x0.shape[0], x0, []
+    for k in range(int(n_steps)):
+        kk = torch.full((B,), k, device=x0.device, dtype=torch.long)
+        x = step(x, kk) if inputs is None else step(x, kk, inputs[:, k])
+        xs.append(x)
+    return torch.stack(xs, dim=1)
