@@ -1,0 +1,220 @@
+"""Offline distillation: fit a one-step generator to a teacher's noise/image pairs.
+
+Loss on ``generator(x_T)`` vs the teacher's image (L1 or pseudo-Huber), AdamW with
+a linear warm-up, an exponential moving average of the weights, and atomic
+checkpoints. The batch of step ``s`` is drawn from a generator seeded with
+``(seed, s)``, so a run resumed from a checkpoint takes exactly the steps an
+uninterrupted one would. Under ``torchrun`` each rank takes its slice of the
+global batch and DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .model import build_model, count_params
+from .pairs import load_pairs
+
+__all__ = ["TrainConfig", "train", "distill_loss", "load_generator", "load_config"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a distillation run needs; a TOML file sets any subset of the fields."""
+
+    pairs: str = "data/get_pairs.h5"
+    out: str = "runs/get"
+    model: str = "get"  # "get" or "vit"
+    model_options: dict = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 0 at `steps`)
+    grad_clip: float = 1.0
+    loss: str = "l1"  # "l1" or "pseudo_huber"
+    huber_c: float | None = None  # pseudo-Huber scale; default 0.00054 * sqrt(pixels)
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    holdout: int = 0  # last pairs of the file kept out of training (for evaluation)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False  # bfloat16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("l1", "pseudo_huber"):
+            raise ValueError(f'loss must be "l1" or "pseudo_huber", got "{self.loss}"')
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f'schedule must be "constant" or "cosine", got "{self.schedule}"')
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a TOML file (top-level keys = fields), with overrides."""
+    import tomllib
+
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(names)}")
+    return TrainConfig(**data)
+
+
+def distill_loss(pred: Tensor, target: Tensor, kind: str = "l1", c: float | None = None) -> Tensor:
+    """Mean over the batch of a per-sample L1 or pseudo-Huber distance (no learned features)."""
+    d = (pred - target).flatten(1)
+    if kind == "l1":
+        return d.abs().mean()
+    if kind == "pseudo_huber":
+        c = 0.00054 * math.sqrt(d.shape[1]) if c is None else c
+        return (torch.sqrt(d.pow(2).sum(1) + c * c) - c).mean()
+    raise ValueError(f'loss must be "l1" or "pseudo_huber", got "{kind}"')
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _batch_indices(seed: int, step: int, n: int, batch: int) -> Tensor:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step) + 7)
+    return torch.randint(0, n, (batch,), generator=g)
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "cosine":
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _new_model(cfg: TrainConfig) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, **cfg.model_options)
+
+
+def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True, data: dict | None = None) -> dict:
+    """Train (or resume) the run in ``cfg.out``; returns a summary dict.
+
+    ``stop_at`` stops after that many total steps (saving a checkpoint), as if interrupted;
+    ``data`` passes already-loaded pairs (a :func:`load_pairs` dict) instead of reading ``cfg.pairs``.
+    """
+    from tqdm.auto import tqdm
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    device = _device(cfg.device)
+    if distributed:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() and device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else load_pairs(cfg.pairs, cfg.holdout)
+    noise, image = data["train"]["noise"].to(device), data["train"]["image"].to(device)
+    label = data["train"]["label"]
+    label = label.to(device) if label is not None else None
+
+    model = _new_model(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history = 0, []
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, history = state["step"], state["history"]
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if distributed else model
+
+    def save() -> None:
+        if rank == 0:
+            _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "step": step, "history": history, "config": dataclasses.asdict(cfg)}, ckpt)
+        if distributed:
+            dist.barrier()
+
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", disable=not progress or rank > 0)
+    model.train()
+    start = time.perf_counter()
+    local = cfg.batch_size // world
+    while step < end:
+        idx = _batch_indices(cfg.seed, step, len(noise), cfg.batch_size)[rank * local:(rank + 1) * local].to(device)
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            pred = net(noise[idx], None if label is None else label[idx])
+        loss = distill_loss(pred.float(), image[idx], cfg.loss, cfg.huber_c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+            for be, bm in zip(ema.buffers(), model.buffers()):
+                be.copy_(bm)
+        step += 1
+        history.append(float(loss.detach()))  # one sync per step: cheap next to a transformer step
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(history[-50:]) / 50:.4f}")
+        if step % cfg.ckpt_every == 0 or step == end:
+            save()
+    bar.close()
+    summary = {"step": step, "final_loss": history[-1] if history else None, "params": count_params(model),
+               "seconds": time.perf_counter() - start, "checkpoint": str(ckpt)}
+    if rank == 0 and step >= cfg.steps:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_generator(run: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained generator of a run folder (EMA weights by default), in eval mode."""
+    state = torch.load(Path(run) / CHECKPOINT, map_location=device, weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    model = build_model(cfg.model, **cfg.model_options).to(device)
+    model.load_state_dict(state["ema" if ema else "model"])
+    return model.eval()
