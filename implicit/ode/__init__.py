@@ -1,0 +1,17 @@
+"""Neural ODEs and SDEs with trajectories solved sequentially or in parallel in time."""
+
+from .models import NeuralODE, NeuralSDE
+from .solve import (
+    brownian_increments,
+    check_finite,
+    odeint_parallel,
+    odeint_sequential,
+    sdeint_parallel,
+    sdeint_sequential,
+)
+from .steppers import STEPPERS
+
+__all__ = [
+    "NeuralODE", "NeuralSDE", "STEPPERS", "brownian_increments", "check_finite", "odeint_parallel",
+    "odeint_sequential", "sdeint_parallel", "sdeint_sequential",
+]
