@@ -1,7 +1,9 @@
-"""Diagnostics of equilibria: residual traces and the spectral radius of ``df/dz`` at ``z*``."""
+"""Diagnostics of equilibria: residual traces, the spectral radius of ``df/dz`` at ``z*`` and the
+asymptotic-alignment (path independence) score."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -67,3 +69,67 @@ def plot_residual_traces(traces: Mapping[str, SolverResult | Tensor], path: str 
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """Asymptotic alignment of a batch (see :func:`asymptotic_alignment`).
+
+    Attributes:
+        score: ``(B,)`` cosine similarity of input ``j``'s two final states.
+        mean: the batch average of ``score`` (the model-level AA score).
+        source: ``(B,)`` index ``i`` whose fixed point started the second solve of input ``j``.
+        first, second: the solves from ``z0`` and from the other inputs' fixed points.
+    """
+
+    score: Tensor
+    mean: float
+    source: Tensor
+    first: SolverResult
+    second: SolverResult
+
+
+def asymptotic_alignment(
+    f: Callable[[Any, Any], Any],
+    x: Any,
+    z0: Any,
+    *,
+    solver: str | Callable[..., SolverResult] = "anderson",
+    source: Tensor | None = None,
+    **solver_options: Any,
+) -> AlignmentResult:
+    """Asymptotic-alignment (AA) score of ``z = f(z, x)`` per sample (Anil et al., 2022, Alg. 1).
+
+    Solves every input ``x_j`` from ``z0`` to its final state ``z*_j``, solves ``x_j`` again
+    starting from the final state ``z*_i`` of another input ``i = source[j]``, and returns the
+    cosine similarity of the two flattened final states. A path-independent model reaches the
+    same state from both starts (score 1); a path-dependent one remembers where it started.
+    Both solves are single batched calls of the backend solver.
+
+    Args:
+        f: ``f(z, x)`` with ``z`` batch-first (a tensor or tuple of tensors).
+        x: the inputs, passed to ``f`` unchanged.
+        z0: the first solve's initial state (zeros in the paper).
+        solver: backend solver name or function; ``solver_options`` go to it (``tol``, ``max_iter``...).
+        source: ``(B,)`` indices pairing each input with the one whose fixed point starts its
+            second solve; default: the next sample (``roll`` by one), so ``i != j`` when ``B > 1``.
+    """
+    from .solvers import get_solver
+
+    solve = get_solver(solver)
+    flat = Flattener(z0)
+    batch = flat.batch
+    if source is None:
+        if batch < 2:
+            raise ValueError("asymptotic_alignment needs at least 2 inputs to pair, got 1")
+        source = torch.roll(torch.arange(batch, device=flat.device), shifts=1)
+    source = torch.as_tensor(source, device=flat.device).long()
+    if source.shape != (batch,):
+        raise ValueError(f"source must have shape ({batch},), got {tuple(source.shape)}")
+    with torch.no_grad():
+        first = solve(lambda z: f(z, x), z0, **solver_options)
+        z_star = flat.flatten(first.z)
+        second = solve(lambda z: f(z, x), flat.unflatten(z_star[source]), **solver_options)
+        z_again = flat.flatten(second.z)
+        score = torch.nn.functional.cosine_similarity(z_star, z_again, dim=1, eps=torch.finfo(z_star.dtype).tiny)
+    return AlignmentResult(score, float(score.mean()), source, first, second)

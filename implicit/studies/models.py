@@ -1,0 +1,184 @@
+"""Equilibrium models with input injection, and the baselines they are compared with.
+
+One architecture for both tasks (2-D convolutions for mazes, 1-D for prefix sums): an encoder
+``e = E(x)``, a weight-tied cell ``z -> f(z, e)`` and a per-site head ``H(z) -> logits``.
+
+- ``kind="deq"``: ``z* = f(z*, e)`` solved by the backend through :class:`implicit.deq.DEQ`;
+  more test-time iterations mean a larger solver budget.
+- ``kind="recurrent"``: the same cell applied a fixed number of times from ``z0`` and trained
+  by backpropagation through the unroll (a DT-net-style weight-tied recurrent baseline).
+- ``kind="feedforward"``: ``depth`` cells with their own weights, applied once each; it has no
+  notion of more iterations.
+
+Without input injection the cell ignores ``e`` and the input reaches the state only through
+``z0 = e``; that only trains by backpropagating through the unroll, so it is a ``recurrent``
+option (an implicit gradient cannot reach the encoder through ``z0``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from implicit.deq import DEQ
+from implicit.solvers import SolverResult, Status
+from implicit.solvers._tree import batch_norm
+
+KINDS = ("deq", "recurrent", "feedforward")
+INITS = ("zero", "random")
+
+
+def _conv(dim: int) -> type[nn.Module]:
+    if dim not in (1, 2):
+        raise ValueError(f"dim must be 1 (prefix sums) or 2 (mazes), got {dim}")
+    return nn.Conv1d if dim == 1 else nn.Conv2d
+
+
+class Cell(nn.Module):
+    """``f(z, e) = tanh(B relu(A z + e))`` (``+ e`` only with input injection); bounded, so long solves stay finite."""
+
+    def __init__(self, dim: int, width: int, injection: bool = True):
+        super().__init__()
+        conv = _conv(dim)
+        self.a = conv(width, width, 3, padding=1)
+        self.b = conv(width, width, 3, padding=1)
+        self.injection = injection
+
+    def forward(self, z: Tensor, e: Tensor) -> Tensor:
+        h = self.a(z)
+        if self.injection:
+            h = h + e
+        return torch.tanh(self.b(torch.relu(h)))
+
+
+def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, **_: Any) -> SolverResult:
+    """Apply ``f`` exactly ``max_iter`` times and report the last state as a :class:`SolverResult`.
+
+    This is the forward pass of a fixed-depth recurrent net (its architecture, not a solver:
+    it has no tolerance and keeps the last state, not the lowest-residual one). Its signature
+    matches the backend solvers, so the analysis tools treat both kinds of model alike.
+    """
+    z = z0
+    for _ in range(max_iter - 1):
+        z = f(z)
+    fz = f(z)
+    residual = batch_norm((fz - z).flatten(1))
+    rel = residual / (batch_norm(fz.flatten(1)) + torch.finfo(fz.dtype).tiny)
+    n = torch.full_like(residual, max_iter, dtype=torch.long)
+    status = torch.full_like(n, int(Status.MAX_ITER), dtype=torch.int8)
+    return SolverResult(fz, residual, rel, n, status == Status.CONVERGED, status)
+
+
+class IterativeNet(nn.Module):
+    """Encoder, weight-tied cell (equilibrium or recurrent) or untied stack, and per-site head.
+
+    Args:
+        dim: 2 for mazes, 1 for prefix sums; in_channels: input channels.
+        width: channels of the state ``z``.
+        kind: ``"deq"``, ``"recurrent"`` or ``"feedforward"`` (see the module docstring).
+        injection: feed ``e`` to the cell at every iteration (``False``: only through ``z0``; recurrent only).
+        init: training initial state, ``"zero"`` or ``"random"`` (Gaussian, ``init_scale``); evaluation starts from zero.
+        iters: training solver budget (DEQ ``max_iter``) or unroll depth (recurrent) or depth (feed-forward).
+        solver, tol, backward, backward_options: the DEQ's forward solver and gradient.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        width: int = 32,
+        *,
+        kind: str = "deq",
+        injection: bool = True,
+        init: str = "zero",
+        init_scale: float = 1.0,
+        iters: int = 30,
+        solver: str = "anderson",
+        tol: float = 1e-4,
+        backward: str = "phantom",
+        backward_options: dict | None = None,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f'kind must be one of {KINDS}, got "{kind}"')
+        if init not in INITS:
+            raise ValueError(f'init must be one of {INITS}, got "{init}"')
+        if not injection and kind != "recurrent":
+            raise ValueError('injection=false needs kind="recurrent": without injection the input only sets z0, '
+                             "which an implicit gradient cannot train")
+        conv = _conv(dim)
+        self.dim, self.kind, self.injection, self.init, self.init_scale = dim, kind, injection, init, init_scale
+        self.iters, self.width = iters, width
+        self.encoder = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, width, 3, padding=1))
+        self.head = nn.Sequential(conv(width, width, 3, padding=1), nn.ReLU(), conv(width, 2, 1))
+        if kind == "feedforward":
+            self.cells = nn.ModuleList(Cell(dim, width, True) for _ in range(iters))
+        else:
+            self.cell = Cell(dim, width, injection)
+        if kind == "deq":
+            options = {"steps": 5, "damping": 0.8} if backward == "phantom" else {}
+            options.update(backward_options or {})
+            self.deq = DEQ(self.cell, solver=solver, tol=tol, max_iter=iters, backward=backward,
+                           backward_options=options, name=f"maze/prefix-sum {kind} cell")
+
+    @property
+    def iterative(self) -> bool:
+        """True when more test-time iterations mean something (not the feed-forward stack)."""
+        return self.kind != "feedforward"
+
+    def initial_state(self, e: Tensor, init: str | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``z0`` for encoded inputs ``e``: zeros or Gaussian noise, plus ``e`` itself without injection."""
+        init = init or "zero"
+        if init not in INITS:
+            raise ValueError(f'init must be one of {INITS}, got "{init}"')
+        z0 = torch.zeros_like(e)
+        if init == "random":
+            noise = torch.randn(e.shape, generator=generator, device="cpu" if generator else e.device)
+            z0 = self.init_scale * noise.to(e)
+        return z0 + e if not self.injection else z0
+
+    def solve(self, e: Tensor, z0: Tensor, iters: int) -> tuple[Tensor, SolverResult | None]:
+        """The final state after ``iters`` solver iterations (DEQ) or unroll steps (recurrent)."""
+        if self.kind == "deq":
+            return self.deq(e, z0, max_iter=iters)
+        if self.kind == "recurrent":
+            result = unroll(lambda z: self.cell(z, e), z0, max_iter=iters)
+            return result.z, result
+        z = z0
+        for cell in self.cells:
+            z = cell(z, e)
+        return z, None
+
+    def forward(self, x: Tensor, *, iters: int | None = None, init: str | None = None,
+                z0: Tensor | None = None) -> tuple[Tensor, SolverResult | None]:
+        """Logits ``(B, 2, *spatial)`` and the solve's result. ``init`` defaults to the
+        training init in training mode and ``"zero"`` in eval mode."""
+        e = self.encoder(x)
+        if z0 is None:
+            z0 = self.initial_state(e, init or (self.init if self.training else "zero"))
+        z, result = self.solve(e, z0, iters or self.iters)
+        return self.head(z), result
+
+    def fixed_point_map(self, x: Tensor) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+        """``(f, e)`` with ``f(z, e)`` the cell, for the analysis tools (alignment, traces)."""
+        if not self.iterative:
+            raise ValueError("a feed-forward model has no fixed-point map")
+        return self.cell, self.encoder(x)
+
+
+def build_model(task: str, spec: dict) -> IterativeNet:
+    """An :class:`IterativeNet` for ``task`` (``"maze"`` or ``"prefix_sums"``) from a model spec (config table)."""
+    shapes = {"maze": (2, 7), "prefix_sums": (1, 1)}
+    if task not in shapes:
+        raise ValueError(f'task must be one of {sorted(shapes)}, got "{task}"')
+    dim, channels = shapes[task]
+    budget = spec.get("budget", spec.get("iters", 30))
+    iters = max(budget) if isinstance(budget, (list, tuple)) else int(budget)
+    return IterativeNet(
+        dim, channels, spec.get("width", 32), kind=spec.get("kind", "deq"), injection=spec.get("injection", True),
+        init=spec.get("init", "zero"), init_scale=spec.get("init_scale", 1.0), iters=iters,
+        solver=spec.get("solver", "anderson"), tol=spec.get("tol", 1e-4), backward=spec.get("backward", "phantom"),
+        backward_options=spec.get("backward_options"),
+    )

@@ -1,0 +1,124 @@
+"""Figures of the path-independence study, saved as PNGs beside the results file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(evals: dict, path: Path) -> None:
+    """Accuracy vs test-time iterations: one panel per task and test size, one line per model."""
+    plt = _plt()
+    panels = sorted({(ev["task"], int(s)) for ev in evals.values() for s in ev["accuracy"]})
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (task, size) in zip(axes.flat, panels):
+        for name, ev in evals.items():
+            if ev["task"] != task:
+                continue
+            curve = ev["accuracy"][str(size)]
+            ks = sorted(curve, key=int)
+            style = "--" if ev["spec"].get("kind") == "feedforward" else "-o"
+            ax.plot([int(k) for k in ks], [curve[k] for k in ks], style, ms=3, label=name)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{task}, size {size}")
+        ax.set_xlabel("test-time iterations")
+        ax.set_ylabel("exact accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_aa_histogram(evals: dict, path: Path) -> None:
+    """Per-sample AA scores of correct vs incorrect test answers, pooled over models, one panel per task."""
+    plt = _plt()
+    tasks = sorted({ev["task"] for ev in evals.values()})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        good, bad = [], []
+        for ev in evals.values():
+            if ev["task"] != task:
+                continue
+            for s in ev["per_sample"].values():
+                for a, c in zip(s.get("aa", []), s["correct"]):
+                    (good if c else bad).append(a)
+        bins = torch.linspace(min(good + bad + [0.0]), 1.0, 31).tolist()
+        for values, label in ((good, "correct"), (bad, "incorrect")):
+            if values:  # an empty group has no density
+                ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})", density=True)
+        ax.set_title(f"{task}: AA score per test input")
+        ax.set_xlabel("asymptotic alignment")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_aa_scatter(metrics: dict, path: Path) -> None:
+    """Model-level AA score vs accuracy on harder inputs, with the Spearman correlation."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for task, marker in (("maze", "o"), ("prefix_sums", "s")):
+        rows = {n: r for n, r in metrics["models"].items() if r["task"] == task and "aa_mean" in r}
+        ax.scatter([r["aa_mean"] for r in rows.values()], [r["hard_accuracy"] for r in rows.values()],
+                   marker=marker, label=task)
+        for n, r in rows.items():
+            ax.annotate(n, (r["aa_mean"], r["hard_accuracy"]), fontsize=5)
+    ax.set_xlabel("mean AA score (test inputs)")
+    ax.set_ylabel("accuracy on harder inputs")
+    ax.set_title(f"Spearman rho = {metrics['aa_vs_hard_accuracy_spearman']:.2f} "
+                 f"({metrics['n_iterative_models']} models)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_traces(evals: dict, path: Path) -> None:
+    """Median relative residual per fixed-point iteration on the hardest test inputs, per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, ev in evals.items():
+        if "trace_median" in ev:
+            t = ev["trace_median"]
+            ax.semilogy(range(1, len(t) + 1), t, label=name, lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("median relative residual")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_all(evals: dict, metrics: dict, out_dir: Path, name: str) -> list[str]:
+    """Write the four figures; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "accuracy": out_dir / f"{name}_accuracy.png",
+        "aa_hist": out_dir / f"{name}_aa_hist.png",
+        "aa_scatter": out_dir / f"{name}_aa_scatter.png",
+        "traces": out_dir / f"{name}_traces.png",
+    }
+    plot_accuracy(evals, paths["accuracy"])
+    plot_aa_histogram(evals, paths["aa_hist"])
+    plot_aa_scatter(metrics, paths["aa_scatter"])
+    plot_traces(evals, paths["traces"])
+    return [str(p) for p in paths.values()]

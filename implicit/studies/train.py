@@ -1,0 +1,112 @@
+"""Training with the paper's interventions as switches of a model spec.
+
+Interventions that promote path independence (Anil et al., 2022, Sec. 5):
+- ``init = "random"``: start every training solve from Gaussian noise instead of zeros, so the
+  model cannot rely on where it starts;
+- ``injection = true``: feed the input to every iteration (a model switch, see :mod:`.models`);
+- ``budget = [lo, hi]``: draw the solver budget (DEQ) or unroll depth (recurrent) uniformly per
+  batch, so no single iteration count is special.
+
+Interventions that penalise it:
+- a small fixed ``budget`` with backpropagation through the unroll (``kind = "recurrent"``), so the
+  model is fit at one transient instead of at a fixed point;
+- ``memorise_init = w > 0``: an extra loss, weight ``w``, that solves each input again from another
+  input's final state and asks for *that other* input's labels, rewarding states that remember
+  where they started. (Our construction of a path-dependence-promoting objective.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from implicit.solvers import NonConvergenceWarning
+
+from .data import TaskSet
+from .models import IterativeNet
+
+
+def exact_correct(logits: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample bool: every counted site predicted right (the paper's whole-instance accuracy)."""
+    right = (logits.argmax(1) == y) | ~mask
+    return right.flatten(1).all(1)
+
+
+def sample_budget(budget: Any, generator: torch.Generator) -> int:
+    """An iteration count: ``budget`` itself, or a uniform draw from ``[lo, hi]``."""
+    if isinstance(budget, (list, tuple)):
+        if len(budget) != 2 or not 1 <= budget[0] <= budget[1]:
+            raise ValueError(f"budget must be an int or [lo, hi] with 1 <= lo <= hi, got {budget}")
+        return int(torch.randint(int(budget[0]), int(budget[1]) + 1, (1,), generator=generator))
+    if int(budget) < 1:
+        raise ValueError(f"budget must be positive, got {budget}")
+    return int(budget)
+
+
+def training_loss(model: IterativeNet, x: Tensor, y: Tensor, iters: int, memorise_init: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Cross-entropy per site (plus the memorise-init term) and the logits of the main solve."""
+    e = model.encoder(x)
+    z, _ = model.solve(e, model.initial_state(e, model.init), iters)
+    logits = model.head(z)
+    loss = nn.functional.cross_entropy(logits, y)
+    if memorise_init > 0 and model.iterative and x.shape[0] > 1:
+        z_other, _ = model.solve(e, z.detach().roll(1, 0), iters)
+        loss = loss + memorise_init * nn.functional.cross_entropy(model.head(z_other), y.roll(1, 0))
+    return loss, logits
+
+
+def train_model(
+    model: IterativeNet,
+    data: TaskSet,
+    spec: dict,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Train ``model`` on ``data`` following ``spec``; returns the loss history and timing.
+
+    ``spec`` keys (defaults): ``epochs`` (5), ``batch_size`` (64), ``lr`` (1e-3), ``weight_decay``
+    (0), ``clip`` (1.0), ``warmup`` (fraction of steps, 0.05), ``budget`` (the model's ``iters``),
+    ``memorise_init`` (0), ``seed`` (0). ``progress(step, total, loss)`` is called every step.
+    """
+    model.to(device).train()
+    epochs, batch_size = int(spec.get("epochs", 5)), int(spec.get("batch_size", 64))
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    budget = spec.get("budget", model.iters)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=float(spec.get("lr", 1e-3)),
+                                  weight_decay=float(spec.get("weight_decay", 0.0)))
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total = epochs * steps_per_epoch
+    warm = max(1, int(float(spec.get("warmup", 0.05)) * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    clip, memorise = float(spec.get("clip", 1.0)), float(spec.get("memorise_init", 0.0))
+    x_all, y_all = data.x.to(device), data.y.to(device)
+    history, start, step = [], time.perf_counter(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)  # training budgets are short by design
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=gen).to(device)
+            for batch in order.split(batch_size):
+                iters = sample_budget(budget, gen)
+                loss, _ = training_loss(model, x_all[batch], y_all[batch], iters, memorise)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimiser.step()
+                schedule.step()
+                step += 1
+                history.append(loss.item())
+                if progress is not None:
+                    progress(step, total, history[-1])
+    model.eval()
+    return {"loss_history": history, "steps": step, "train_seconds": time.perf_counter() - start}
