@@ -127,3 +127,21 @@ def test_bad_grid_is_rejected():
         odeint_parallel(lambda t, y: y, torch.zeros(1, 2), torch.tensor([0.0, 1.0, 0.5]))
     with pytest.raises(ValueError, match="fixed-grid method"):
         odeint_parallel(lambda t, y: y, torch.zeros(1, 2), torch.linspace(0, 1, 3), method="dopri5")
+
+
+def test_ode_fit_cli_lowers_loss_and_resumes(tmp_path):
+    from implicit.cli import main
+    from implicit.ode.fit import FitConfig, fit
+
+    cfg = FitConfig(system="lotka_volterra", n_train=8, n_test=4, t_end=1.0, steps=10, width=16, epochs=4, batch=8)
+    full = fit(cfg, tmp_path / "full")
+    assert full["history"][-1]["train"] < full["history"][0]["train"]
+    assert (tmp_path / "full" / "fit.png").exists()
+    # resume: two epochs, then the rest, equals four in one go
+    fit(FitConfig(**{**cfg.__dict__, "epochs": 2}), tmp_path / "half")
+    resumed = fit(cfg, tmp_path / "half")
+    assert resumed["history"] == full["history"]
+    main(["ode", "fit", "--system", "ornstein_uhlenbeck", "--epochs", "1", "--steps", "8", "--out", str(tmp_path / "sde")])
+    assert (tmp_path / "sde" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="unknown config keys"):
+        FitConfig.load(None, wrong=1)
