@@ -100,3 +100,83 @@ def test_resume_equals_uninterrupted(tmp_path):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def _fake_teacher(x, y=None):
+    return torch.tanh(3 * x)
+
+
+def test_pairs_file_resumes_to_the_same_bytes(tmp_path):
+    import h5py
+
+    from implicit.get.pairs import load_pairs, write_pairs
+
+    kw = dict(n=10, shape=(1, 8, 8), batch_size=4, seed=5, recipe={"teacher": "fake", "sampler": "ddim"},
+              progress=False)
+    whole = write_pairs(tmp_path / "a.h5", _fake_teacher, **kw)
+    part = write_pairs(tmp_path / "b.h5", _fake_teacher, stop_after_chunks=1, **kw)
+    assert part.name == "b.h5.partial" and not (tmp_path / "b.h5").exists()
+    with pytest.raises(FileNotFoundError, match="partial"):
+        load_pairs(tmp_path / "b.h5")
+    with pytest.raises(ValueError, match="different recipe"):
+        write_pairs(tmp_path / "b.h5", _fake_teacher, **dict(kw, seed=6))
+    resumed = write_pairs(tmp_path / "b.h5", _fake_teacher, **kw)
+    a, b = load_pairs(whole, holdout=3), load_pairs(resumed, holdout=3)
+    assert torch.equal(a["train"]["noise"], b["train"]["noise"]) and torch.equal(a["test"]["image"], b["test"]["image"])
+    assert a["train"]["noise"].shape == (7, 1, 8, 8) and a["test"]["noise"].shape == (3, 1, 8, 8)
+    assert torch.allclose(a["train"]["image"], torch.tanh(3 * a["train"]["noise"]))
+    with h5py.File(whole) as fh:
+        assert fh.attrs["sampler"] == "ddim" and fh.attrs["seed"] == 5 and fh.attrs["done"] == 10
+
+
+def test_feature_space_metrics():
+    from implicit.get.evaluate import frechet_distance, nearest_neighbour, precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert frechet_distance(a, b) < 0.5 < frechet_distance(a, b + 2) == pytest.approx(20, rel=0.1)
+    p, r = precision_recall(a, b)
+    assert p > 0.8 and r > 0.8
+    p, r = precision_recall(a, b * 0.1)  # collapsed samples: precise but no recall
+    assert p > 0.9 and r < 0.3
+    assert nearest_neighbour(a[:10], a)["nn_dist"] == pytest.approx(0, abs=1e-6)
+
+
+def test_cli_pairs_train_sample(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from implicit.get.cli import add_parser
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "teacher" / "unet")
+    DDIMScheduler().save_pretrained(tmp_path / "teacher" / "scheduler")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv):
+        args = parser.parse_args(["get", *argv])
+        args.func(args)
+
+    pairs = tmp_path / "pairs.h5"
+    run("pairs", str(tmp_path / "teacher"), "--out", str(pairs), "--n", "6", "--batch-size", "4", "--steps", "3",
+        "--device", "cpu")
+    run("pairs", str(tmp_path / "teacher"), "--out", str(tmp_path / "deq.h5"), "--n", "4", "--batch-size", "4",
+        "--steps", "3", "--sampler", "deq-ddim", "--device", "cpu")
+    from implicit.get.pairs import load_pairs
+
+    a, b = load_pairs(pairs), load_pairs(tmp_path / "deq.h5")
+    assert torch.allclose(a["train"]["image"][:4], b["train"]["image"], atol=1e-3)  # same x_T, same teacher
+    assert b["attrs"]["sampler"] == "deq-ddim" and "rounds_mean" in json.loads(b["attrs"]["sampler_stats"])
+    config = tmp_path / "get.toml"
+    config.write_text('model = "get"\nsteps = 2\nbatch_size = 2\nwarmup = 1\n\n[model_options]\n'
+                      "image_size = 8\npatch = 2\ndim = 16\nheads = 2\ninj_depth = 1\neq_depth = 1\n")
+    run("train", str(config), "--pairs", str(pairs), "--out", str(tmp_path / "run"), "--device", "cpu")
+    run("sample", str(tmp_path / "run"), "--n", "4", "--device", "cpu")
+    assert (tmp_path / "run" / "samples.png").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 2

@@ -85,8 +85,8 @@ def write_pairs(
             fh.attrs["recipe"] = key
             for k, v in full.items():
                 fh.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-            fh.attrs["package_version"] = _version()
-            fh.attrs["torch_version"] = torch.__version__
+            fh.attrs["package_version"] = str(_version())
+            fh.attrs["torch_version"] = str(torch.__version__)
             fh.attrs["done"] = 0
             fh.attrs["teacher_seconds"] = 0.0
             chunks = (min(batch_size, n), *shape)
