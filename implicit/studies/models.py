@@ -36,21 +36,35 @@ def _conv(dim: int) -> type[nn.Module]:
     return nn.Conv1d if dim == 1 else nn.Conv2d
 
 
-class Cell(nn.Module):
-    """``f(z, e) = tanh(B relu(A z + e))`` (``+ e`` only with input injection); bounded, so long solves stay finite."""
+class ChannelNorm(nn.Module):
+    """Layer norm over the channels of each site: unlike group or batch norm it uses no statistics
+    over space, so a model trained on small inputs sees the same normalisation on large ones."""
 
-    def __init__(self, dim: int, width: int, injection: bool = True):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.norm(h.movedim(1, -1)).movedim(-1, 1)
+
+
+class Cell(nn.Module):
+    """``f(z, e) = tanh(B relu(N(A z + e)))`` (``+ e`` only with input injection; ``N`` a per-site
+    channel norm when ``norm``); bounded, so long solves stay finite."""
+
+    def __init__(self, dim: int, width: int, injection: bool = True, norm: bool = False):
         super().__init__()
         conv = _conv(dim)
         self.a = conv(width, width, 3, padding=1)
         self.b = conv(width, width, 3, padding=1)
+        self.norm = ChannelNorm(width) if norm else nn.Identity()
         self.injection = injection
 
     def forward(self, z: Tensor, e: Tensor) -> Tensor:
         h = self.a(z)
         if self.injection:
             h = h + e
-        return torch.tanh(self.b(torch.relu(h)))
+        return torch.tanh(self.b(torch.relu(self.norm(h))))
 
 
 def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, **_: Any) -> SolverResult:
@@ -82,6 +96,7 @@ class IterativeNet(nn.Module):
         init: training initial state, ``"zero"`` or ``"random"`` (Gaussian, ``init_scale``); evaluation starts from zero.
         iters: training solver budget (DEQ ``max_iter``) or unroll depth (recurrent) or depth (feed-forward).
         solver, tol, backward, backward_options: the DEQ's forward solver and gradient.
+        norm: per-site channel norm inside the cell (:class:`ChannelNorm`).
     """
 
     def __init__(
@@ -99,6 +114,7 @@ class IterativeNet(nn.Module):
         tol: float = 1e-4,
         backward: str = "phantom",
         backward_options: dict | None = None,
+        norm: bool = False,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -114,9 +130,9 @@ class IterativeNet(nn.Module):
         self.encoder = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, width, 3, padding=1))
         self.head = nn.Sequential(conv(width, width, 3, padding=1), nn.ReLU(), conv(width, 2, 1))
         if kind == "feedforward":
-            self.cells = nn.ModuleList(Cell(dim, width, True) for _ in range(iters))
+            self.cells = nn.ModuleList(Cell(dim, width, True, norm) for _ in range(iters))
         else:
-            self.cell = Cell(dim, width, injection)
+            self.cell = Cell(dim, width, injection, norm)
         if kind == "deq":
             options = {"steps": 5, "damping": 0.8} if backward == "phantom" else {}
             options.update(backward_options or {})
@@ -180,5 +196,5 @@ def build_model(task: str, spec: dict) -> IterativeNet:
         dim, channels, spec.get("width", 32), kind=spec.get("kind", "deq"), injection=spec.get("injection", True),
         init=spec.get("init", "zero"), init_scale=spec.get("init_scale", 1.0), iters=iters,
         solver=spec.get("solver", "anderson"), tol=spec.get("tol", 1e-4), backward=spec.get("backward", "phantom"),
-        backward_options=spec.get("backward_options"),
+        backward_options=spec.get("backward_options"), norm=spec.get("norm", False),
     )

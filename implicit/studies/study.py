@@ -241,6 +241,8 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
     device_opt = config.get("device", "auto")
     device = torch.device("cuda" if device_opt == "auto" and torch.cuda.is_available() else
                           ("cpu" if device_opt == "auto" else device_opt))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # few distinct conv shapes, reused thousands of times
     run_dir = Path(config.get("run_dir", "runs/path_independence"))
     specs = model_specs(config)
     if only:
