@@ -47,6 +47,12 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 class NeuralOperator(nn.Module):
     """Base class: a registry by name and the constructor kwargs kept for checkpoints."""
 
@@ -104,6 +110,21 @@ class _Stem(nn.Module):
         return v[..., : v.shape[-2] - p, : v.shape[-1] - p] if p else v
 
 
+def _spectral_conv_fp32():
+    """neuraloperator's ``SpectralConv`` that runs in float32 under autocast (FFTs in bf16/fp16 are
+    unsupported or need power-of-two sizes), so mixed precision speeds up only the pointwise layers."""
+    from neuralop.layers.spectral_convolution import SpectralConv
+
+    class SpectralConvFP32(SpectralConv):
+        def forward(self, x: Tensor, output_shape: Any = None) -> Tensor:
+            if torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(x.device.type, enabled=False):
+                    return super().forward(x.float(), output_shape=output_shape)
+            return super().forward(x, output_shape=output_shape)
+
+    return SpectralConvFP32
+
+
 def _blocks(width: int, modes: int, n_layers: int, norm: str | None):
     """``n_layers`` Fourier layers (spectral conv + linear skip, channel MLP, optional norm), no activation."""
     from neuralop.layers.fno_block import FNOBlocks
@@ -111,7 +132,7 @@ def _blocks(width: int, modes: int, n_layers: int, norm: str | None):
     return FNOBlocks(
         width, width, (2 * modes, 2 * modes), n_layers=n_layers, use_channel_mlp=True,
         channel_mlp_expansion=0.5, norm=norm, fno_skip="linear", channel_mlp_skip="soft-gating",
-        non_linearity=_identity,
+        non_linearity=_identity, conv_module=_spectral_conv_fp32(),
     )
 
 
@@ -124,10 +145,16 @@ class InjectedBlock(nn.Module):
         self.layers = layers
         self.fno = _blocks(width, modes, layers, norm)
 
+    #: ``(device_type, dtype)`` to compute in under autocast while the solver itself runs without it
+    autocast: tuple[str, torch.dtype] | None = None
+
     def forward(self, z: Tensor, inj: Tensor) -> Tensor:
-        for i in range(self.layers):
-            z = F.gelu(self.fno(z, i) + inj)
-        return z
+        dtype = z.dtype
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1], enabled=self.autocast is not None) \
+                if self.autocast is not None else _null():
+            for i in range(self.layers):
+                z = F.gelu(self.fno(z, i) + inj)
+        return z.to(dtype)  # under autocast the solver's state stays in its own precision
 
 
 class _InjectedOperator(NeuralOperator):
@@ -253,10 +280,19 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
             return z
         from implicit.solvers import NonConvergenceWarning
 
-        with warnings.catch_warnings():
-            # a fixed iteration budget is the protocol; non-convergence is reported in last_stats
-            warnings.simplefilter("ignore", NonConvergenceWarning)
-            z, result = self.deq(inj, z0)
+        dev = inj.device.type
+        amp = torch.is_autocast_enabled(dev)
+        # mixed precision: the block computes under autocast, the solver keeps a float32 state
+        self.block.autocast = (dev, torch.get_autocast_dtype(dev)) if amp else None
+        if amp:
+            inj = inj.float()
+        try:
+            with warnings.catch_warnings(), torch.autocast(dev, enabled=False) if amp else _null():
+                # a fixed iteration budget is the protocol; non-convergence is reported in last_stats
+                warnings.simplefilter("ignore", NonConvergenceWarning)
+                z, result = self.deq(inj, z0)
+        finally:
+            self.block.autocast = None
         self.last_result = result
         self.last_stats = {
             "mode": "deq",
@@ -282,7 +318,7 @@ class FNO(NeuralOperator, name="fno"):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.net = _FNO(n_modes=(2 * modes, 2 * modes), in_channels=in_channels, out_channels=out_channels,
                         hidden_channels=width, n_layers=layers_per_block * depth + 1, norm=norm,
-                        use_channel_mlp=True, positional_embedding="grid",
+                        use_channel_mlp=True, positional_embedding="grid", conv_module=_spectral_conv_fp32(),
                         domain_padding=padding if padding > 0 else None)
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:

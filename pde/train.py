@@ -1,0 +1,616 @@
+"""Training and evaluation of steady-state PDE operators, checkpoints, noisy observations, DDP.
+
+One :class:`TrainConfig` (frozen, round-trips through TOML and checkpoints) drives
+:func:`train`: relative L2 loss (as in the FNO papers) on decoded outputs, Adam with weight
+decay, cosine/step/constant learning rate, optional mixed precision, and the FNO-DEQ paper's
+noisy-observation protocol (:func:`add_observation_noise`). Each epoch ends with an atomic
+checkpoint holding the weights, the normalisers, the model's constructor kwargs, the optimiser
+and scheduler states and the history; re-running on the same folder resumes and ends with the
+same weights as an uninterrupted run (the data order of epoch ``e`` depends only on
+``(seed, e)``). Under ``torchrun`` the batch is split across ranks with a
+``DistributedSampler`` and gradients are averaged by ``DistributedDataParallel``.
+
+:func:`evaluate` reports relative L2 (mean, std, per sample) and solver statistics of a
+checkpoint on any data file, at any resolution (zero-shot transfer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .datasets import REPO_ROOT, ChannelNormalizer, PDEDataset, generate_split, load_recipe
+from .models import Operator, build_model, count_parameters, load_model
+
+__all__ = [
+    "TrainConfig", "PRESETS", "QUICK_DARCY_RECIPE", "load_config", "relative_l2", "add_observation_noise",
+    "noise_levels", "resolve_data", "train", "evaluate", "plot_prediction",
+]
+
+# The paper's variance levels; a run with maximum level L uses those <= L, one equal chunk each.
+PAPER_NOISE_VARIANCES = (0.0, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 5e-1, 1.0)
+
+# The default data of `implicit train darcy`: darcy-85's physics at 25x25 (solved at 49x49),
+# 256 training and 64 test samples, generated in seconds on a CPU.
+QUICK_DARCY_RECIPE = {
+    "name": "darcy-quick", "generator": "darcy", "seed": 0, "chunk_size": 64, "store_dtype": "float32",
+    "description": "darcy-85 physics, solved at 49x49 and stored at 25x25: the quick-start data of `implicit train darcy`",
+    "splits": {"train": 256, "test": 64},
+    "darcy": {"fine_resolution": 49, "subsample": 2},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. ``data`` is a training file or a recipe name."""
+
+    data: str = "darcy-quick"
+    test_data: str | None = None  # default: the training file with _train -> _test
+    ntrain: int | None = None
+    ntest: int | None = None
+    subsample: int = 1
+    model: str = "fno-deq"
+    width: int = 32
+    modes: int = 12
+    depth: int = 1  # fno, fno++: blocks of 3 Fourier layers
+    iterations: int = 8  # ifno: applications of the tied block
+    padding: float = 0.1
+    norm: str = "instance_norm"  # instance_norm | group_norm | none
+    solver: str = "anderson"
+    tol: float = 1e-6
+    max_iter: int = 32
+    eval_max_iter: int | None = None
+    backward: str = "phantom"
+    backward_steps: int = 1
+    backward_damping: float = 0.5
+    pretrain_steps: int = 300
+    pretrain_iter: int = 8
+    epochs: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # cosine (per step) | step | constant
+    step_size: int = 100  # scheduler=step: epochs between decays
+    gamma: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16
+    noise_level: float = 0.0  # maximum noise variance (paper: 0.001 Darcy, 0.001/0.004 NS)
+    noise_on: str = "input"  # input | target
+    out: str | None = None  # run folder; default runs/<data>-<model>
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        from .models import available_models
+
+        if self.model not in available_models():
+            raise ValueError(f'model must be one of {available_models()}, got "{self.model}"')
+        checks = {"scheduler": ("cosine", "step", "constant"), "amp": ("none", "bf16", "fp16"),
+                  "noise_on": ("input", "target"), "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size", "width", "modes", "depth", "iterations", "max_iter", "subsample"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.noise_level < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0 and noise_level >= 0, got {self.lr}, "
+                             f"{self.weight_decay}, {self.noise_level}")
+
+    def model_kwargs(self, in_channels: int, out_channels: int) -> dict:
+        """Constructor kwargs of the chosen model (only those it takes)."""
+        kw: dict[str, Any] = dict(in_channels=in_channels, out_channels=out_channels, width=self.width,
+                                  modes=self.modes, padding=self.padding,
+                                  norm=None if self.norm == "none" else self.norm)
+        if self.model in ("fno", "fno++"):
+            kw["depth"] = self.depth
+        elif self.model == "ifno":
+            kw["iterations"] = self.iterations
+        elif self.model == "fno-deq":
+            opts = {} if self.backward in ("ift", "jfb") else {"steps": self.backward_steps}
+            if self.backward == "phantom":
+                opts["damping"] = self.backward_damping
+            kw.update(solver=self.solver, tol=self.tol, max_iter=self.max_iter, eval_max_iter=self.eval_max_iter,
+                      backward=self.backward, backward_options=opts, pretrain_steps=self.pretrain_steps,
+                      pretrain_iter=self.pretrain_iter)
+        return kw
+
+
+# Embedded defaults per problem (`implicit train darcy|ns`); a TOML config and flags override them.
+PRESETS: dict[str, dict] = {
+    # Quick start on a CPU (~2-3 minutes on 2 cores): small data, narrow model, few iterations.
+    "darcy": dict(data="darcy-quick", model="fno-deq", width=16, modes=6, max_iter=8, eval_max_iter=12,
+                  backward="phantom", backward_steps=1, backward_damping=0.5, pretrain_steps=16,
+                  pretrain_iter=4, epochs=8, batch_size=16, lr=3e-3, scheduler="cosine"),
+    "ns": dict(data="ns-tiny", model="fno-deq", width=16, modes=6, padding=0.0, max_iter=8, eval_max_iter=12,
+               backward="phantom", backward_steps=3, backward_damping=0.8, pretrain_steps=8, pretrain_iter=4,
+               epochs=10, batch_size=8, lr=3e-3, scheduler="cosine"),
+}
+PROBLEMS = {"darcy": "darcy", "ns": "navier_stokes"}
+
+
+def _fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(problem: str | None = None, path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
+    """Preset of ``problem``, then the TOML file (top-level keys or a ``[train]`` table), then ``overrides``."""
+    values: dict[str, Any] = {}
+    if problem is not None:
+        if problem not in PRESETS:
+            raise ValueError(f'problem must be one of {sorted(PRESETS)}, got "{problem}"')
+        values.update(PRESETS[problem])
+    if path is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+        raw = raw.get("train", raw)
+        bad = set(raw) - _fields()
+        if bad:
+            raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; allowed: {sorted(_fields())}")
+        values.update(raw)
+    bad = set(overrides) - _fields()
+    if bad:
+        raise ValueError(f"unknown setting(s) {sorted(bad)}; allowed: {sorted(_fields())}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------------- data
+
+def default_data_dir() -> Path:
+    """``data/`` of the source checkout when there is one, else ``./data``."""
+    return REPO_ROOT / "data" if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd() / "data"
+
+
+def resolve_data(data: str, test_data: str | None = None, *, generate: bool = True,
+                 log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """Training and test files of ``data`` (a ``*_train.h5`` path, or a recipe name whose files are
+    generated into ``data/`` when missing)."""
+    p = Path(data)
+    if p.suffix == ".h5":
+        train = p
+        test = Path(test_data) if test_data else p.with_name(p.name.replace("_train", "_test"))
+        if test == train:
+            raise ValueError(f"cannot guess the test file of {train} (no _train in its name); pass test_data")
+        return train, test
+    recipe: Any = QUICK_DARCY_RECIPE if data == QUICK_DARCY_RECIPE["name"] else data
+    r = load_recipe(recipe)
+    out = default_data_dir()
+    paths = {}
+    for split in ("train", "test"):
+        path = out / f"{r['name']}_{split}.h5"
+        if not path.is_file():
+            if not generate:
+                raise FileNotFoundError(f"no data file {path}; run `implicit data generate {data}`")
+            log(f"generating {path} from recipe {r['name']} ...")
+            generate_split(r, split, out, progress=False)
+        paths[split] = path
+    return paths["train"], Path(test_data) if test_data else paths["test"]
+
+
+def check_data_file(path: str | os.PathLike, variables: tuple[str, ...]) -> tuple[int, int]:
+    """Check that ``variables`` exist as ``(sample, s, s)`` arrays of one shape; return ``(n, s)``."""
+    from .datasets import open_file
+
+    with open_file(path) as f:
+        shapes = {}
+        for v in variables:
+            if v not in f:
+                raise ValueError(f"{path}: no variable {v!r}; it has {sorted(f.keys())}")
+            shapes[v] = f[v].shape
+    bad = {v: s for v, s in shapes.items() if len(s) != 3 or s[1] != s[2] or s[1] < 4}
+    if bad or len(set(shapes.values())) != 1:
+        raise ValueError(f"{path}: expected variables {list(variables)} with dims (sample, x, y) on one square grid, "
+                         f"got shapes {shapes}")
+    n, s, _ = next(iter(shapes.values()))
+    return n, s
+
+
+def _io_variables(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    import h5py
+
+    from .datasets import IO_VARIABLES
+
+    with h5py.File(path, "r") as f:
+        gen = f.attrs.get("generator")
+    if gen not in IO_VARIABLES:
+        raise ValueError(f"{path} was not written by this package's generators (attribute generator={gen!r})")
+    return IO_VARIABLES[gen]
+
+
+def load_split(path: Path, *, limit: int | None = None, subsample: int = 1) -> PDEDataset:
+    """A raw (unnormalised) dataset after checking the file's variables and shapes."""
+    inputs, targets = _io_variables(path)
+    check_data_file(path, inputs + targets)
+    return PDEDataset(path, inputs=inputs, targets=targets, limit=limit, subsample=subsample, normalizers=None)
+
+
+def noise_levels(max_variance: float) -> list[float]:
+    """The paper's noise variances up to ``max_variance`` (0 included)."""
+    return [v for v in PAPER_NOISE_VARIANCES if v <= max_variance]
+
+
+def add_observation_noise(x: Tensor, max_variance: float, seed: int) -> Tensor:
+    """Noisy observations as in the FNO-DEQ paper (Sec. 5 and its released data loader).
+
+    The ``N`` samples are split into equal chunks, one per variance level in
+    :func:`noise_levels` (chunk 0 is clean); chunk ``i`` gets Gaussian noise of variance
+    ``levels[i]`` added to the raw (unnormalised) field; the ``N mod len(levels)`` last
+    samples stay clean. Deterministic in ``seed``.
+    """
+    levels = noise_levels(max_variance)
+    if len(levels) <= 1:
+        return x
+    per = x.shape[0] // len(levels)
+    g = torch.Generator().manual_seed(10_007 + seed)
+    out = x.clone()
+    for i, var in enumerate(levels):
+        if var > 0 and per > 0:
+            chunk = out[i * per:(i + 1) * per]
+            chunk += math.sqrt(var) * torch.randn(chunk.shape, generator=g, dtype=chunk.dtype)
+    return out
+
+
+def relative_l2(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample ``||pred - target||_2 / ||target||_2`` over all but the first dim: ``(B,)``."""
+    diff = (pred - target).flatten(1).norm(dim=1)
+    return diff / target.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+def _resolve_device(name: str, local_rank: int | None) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f'device "{name}" requested but CUDA is not available')
+        if local_rank is not None and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def _distributed() -> tuple[int, int, int | None]:
+    """``(rank, world_size, local_rank)``; initialises the process group under torchrun."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, None
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return 0, 1, None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _amp_context(amp: str, device: torch.device):
+    import contextlib
+
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    if cfg.scheduler == "cosine":  # stepped every batch, as the paper's code
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    if cfg.scheduler == "step":  # stepped every epoch
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None  # constant
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stem = Path(cfg.data).stem.replace("_train", "") if cfg.data.endswith(".h5") else cfg.data
+    return Path("runs") / f"{stem}-{cfg.model}"
+
+
+# settings that may change between a run and its resumption
+_RESUMABLE_CHANGES = {"epochs", "device", "out", "plot"}
+
+
+@torch.no_grad()
+def _predict(op: Operator, x_raw: Tensor, device: torch.device, batch_size: int, amp: str = "none",
+             max_iter: int | None = None) -> tuple[Tensor, dict]:
+    """Raw predictions for raw inputs, in batches, and the FNO-DEQ solver stats per sample."""
+    op.eval()
+    net = op.net
+    override = max_iter is not None and hasattr(net, "deq")
+    saved = net.deq.eval_max_iter if override else None
+    if override:
+        net.deq.eval_max_iter = max_iter
+    preds, iters, res, conv = [], [], [], []
+    try:
+        for i in range(0, x_raw.shape[0], batch_size):
+            xb = op.x_normalizer.encode(x_raw[i:i + batch_size].to(device))
+            with _amp_context(amp, device):
+                out = net(xb)
+            preds.append(op.y_normalizer.decode(out.float()).cpu())
+            r = getattr(net, "last_result", None)
+            if hasattr(net, "deq") and r is not None:
+                iters.append(r.n_iter.cpu())
+                res.append(r.residual.float().cpu())
+                conv.append(r.converged.cpu())
+    finally:
+        if override:
+            net.deq.eval_max_iter = saved
+    stats = {}
+    if iters:
+        stats = {"n_iter": torch.cat(iters), "residual": torch.cat(res), "converged": torch.cat(conv)}
+    return torch.cat(preds), stats
+
+
+# ----------------------------------------------------------------------------------- training
+
+def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], None] | None = None, stop_after: int | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data``; return a summary (history, paths, parameters, timings).
+
+    ``resume``: ``None`` resumes when the run folder holds a checkpoint of the same config,
+    ``True`` requires one, ``False`` refuses to touch an existing one; ``overwrite`` starts afresh.
+    ``stop_after``: stop once this many epochs are done (time-boxed chunks; a later call resumes).
+    """
+    rank, world, local_rank = _distributed()
+    main = rank == 0
+    say = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
+    device = _resolve_device(cfg.device, local_rank)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    run = _run_dir(cfg)
+    ckpt_path = run / "checkpoint.pt"
+
+    # data (rank 0 generates missing files first)
+    if main:
+        train_path, test_path = resolve_data(cfg.data, cfg.test_data, log=say)
+    if world > 1:
+        torch.distributed.barrier()
+    if not main:
+        train_path, test_path = resolve_data(cfg.data, cfg.test_data, generate=False)
+    train_ds = load_split(train_path, limit=cfg.ntrain, subsample=cfg.subsample)
+    test_ds = load_split(test_path, limit=cfg.ntest, subsample=cfg.subsample)
+    if train_ds.inputs != test_ds.inputs or train_ds.targets != test_ds.targets:
+        raise ValueError(f"{train_path} and {test_path} hold different variables")
+    x_raw, y_raw = train_ds.x, train_ds.y
+    if cfg.noise_level > 0:
+        if cfg.noise_on == "input":
+            x_raw = add_observation_noise(x_raw, cfg.noise_level, cfg.seed)
+        else:
+            y_raw = add_observation_noise(y_raw, cfg.noise_level, cfg.seed)
+    x_norm = ChannelNormalizer(x_raw.shape[1]).fit(x_raw)
+    y_norm = ChannelNormalizer(y_raw.shape[1]).fit(y_raw)  # fitted on the (noisy) training targets, as the paper
+    x_train = x_norm.encode(x_raw)
+
+    # model, optimiser, schedule
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.model, **cfg.model_kwargs(x_raw.shape[1], y_raw.shape[1]))
+    op = Operator(net, x_norm, y_norm).to(device)
+    opt = torch.optim.Adam(op.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank = cfg.batch_size // world
+    sampler = torch.utils.data.DistributedSampler(
+        torch.utils.data.TensorDataset(x_train, y_raw), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_raw), batch_size=per_rank,
+                                         sampler=sampler)
+    sched = _make_scheduler(cfg, opt, len(loader))
+    history: list[dict] = []
+    start_epoch = 0
+
+    # resume
+    if ckpt_path.exists() and not overwrite:
+        if resume is False:
+            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start again")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        old = dict(ck["train_config"])
+        diff = {k for k in _fields() if old.get(k) != getattr(cfg, k)} - _RESUMABLE_CHANGES
+        if diff:
+            raise ValueError(f"{ckpt_path} is from another configuration (differs in {sorted(diff)}); "
+                             "use --overwrite or another --out")
+        if old.get("epochs") != cfg.epochs and cfg.scheduler == "cosine":
+            raise ValueError(f"{ckpt_path} was trained for {old.get('epochs')} epochs with a cosine schedule; "
+                             f"resuming with epochs={cfg.epochs} would change its schedule")
+        op.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler") is not None:
+            sched.load_state_dict(ck["scheduler"])
+        history, start_epoch = list(ck["history"]), int(ck["epoch"])
+        say(f"resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}")
+    elif resume is True:
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path}")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+
+    model: torch.nn.Module = op.net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            op.net, device_ids=[device.index] if device.type == "cuda" else None)
+    n_params = count_parameters(op.net)
+    say(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {len(train_ds)} train / {len(test_ds)} test samples "
+        f"at {train_ds.x.shape[-1]}x{train_ds.x.shape[-1]}, {world} process(es) on {device}"
+        + (f", noise variance up to {cfg.noise_level:g} on {cfg.noise_on}s" if cfg.noise_level > 0 else ""))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs * len(loader), initial=start_epoch * len(loader), unit="step",
+                   file=sys.stderr, dynamic_ncols=True, desc=f"train {cfg.model}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        total, count, iters = 0.0, 0, []
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            opt.zero_grad(set_to_none=True)
+            with _amp_context(cfg.amp, device):
+                out = model(xb)
+            loss = relative_l2(op.y_normalizer.decode(out.float()), yb).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if sched is not None and cfg.scheduler == "cosine":
+                sched.step()
+            total += float(loss.detach()) * xb.shape[0]
+            count += xb.shape[0]
+            if op.net.last_stats is not None:
+                iters.append(op.net.last_stats.get("n_iter", 0.0))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        if sched is not None and cfg.scheduler == "step":
+            sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+        train_loss = total / max(count, 1)
+        if world > 1:
+            t = torch.tensor([total, count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            train_loss = float(t[0] / t[1])
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_rel_l2": train_loss, "time_s": epoch_time,
+                                  "lr": opt.param_groups[0]["lr"]}
+        if iters:
+            record["train_solver_iters"] = sum(iters) / len(iters)
+        if main:
+            pred, stats = _predict(op, test_ds.x, device, max(cfg.batch_size, 32), cfg.amp)
+            err = relative_l2(pred, test_ds.y)
+            record["test_rel_l2"] = float(err.mean())
+            if stats:
+                record["test_solver_iters"] = float(stats["n_iter"].float().mean())
+                record["test_solver_residual"] = float(stats["residual"].mean())
+            history.append(record)
+            _save_atomic({
+                "model": op.state_dict(), "model_config": op.net.config(), "train_config": dataclasses.asdict(cfg),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                "epoch": epoch + 1, "history": history, "data": {"train": str(train_path), "test": str(test_path)},
+                "parameters": n_params,
+            }, ckpt_path)
+            msg = (f"epoch {epoch + 1}/{cfg.epochs}  train rel L2 {train_loss:.4f}  test rel L2 "
+                   f"{record['test_rel_l2']:.4f}  {epoch_time:.1f} s")
+            if stats:
+                msg += f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e}"
+            (bar.write(msg) if bar is not None else say(msg))
+        else:
+            history.append(record)
+        if world > 1:
+            torch.distributed.barrier()
+    if bar is not None:
+        bar.close()
+    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "run": str(run), "parameters": n_params,
+                               "history": history, "epochs": cfg.epochs, "world_size": world}
+    if device.type == "cuda":
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    if main and cfg.plot and history:
+        pred, _ = _predict(op, test_ds.x[:4], device, 4, cfg.amp)
+        summary["png"] = str(plot_prediction(test_ds.x[:4], test_ds.y[:4], pred, run / "prediction.png",
+                                             names=test_ds.inputs + test_ds.targets))
+        say(f"checkpoint {ckpt_path}\nfigure {summary['png']}")
+    summary["final_state"] = op.state_dict()
+    return summary
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsample: int = 1,
+             limit: int | None = None, max_iter: int | None = None, batch_size: int = 32,
+             device: str = "auto", amp: str = "none") -> dict:
+    """Relative L2 (mean, std, per sample) and solver statistics of a checkpoint on a data file.
+
+    The file may have another resolution than the training data (zero-shot transfer);
+    ``max_iter`` overrides FNO-DEQ's evaluation iteration limit.
+    """
+    dev = _resolve_device(device, None)
+    op = load_model(str(checkpoint), map_location=dev).to(dev)
+    ds = load_split(Path(data), limit=limit, subsample=subsample)
+    if ds.x.shape[1] != op.net.in_channels or ds.y.shape[1] != op.net.out_channels:
+        raise ValueError(f"{data}: {ds.x.shape[1]} input / {ds.y.shape[1]} output channels, but the model maps "
+                         f"{op.net.in_channels} -> {op.net.out_channels}")
+    t0 = time.perf_counter()
+    pred, stats = _predict(op, ds.x, dev, batch_size, amp, max_iter)
+    wall = time.perf_counter() - t0
+    err = relative_l2(pred, ds.y)
+    ck = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    train_res = None
+    train_file = ck.get("data", {}).get("train")
+    if train_file and Path(train_file).is_file():
+        import h5py
+
+        with h5py.File(train_file, "r") as f:
+            train_res = int(f.attrs.get("resolution", 0)) or None
+    out: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "data": str(data), "model": op.net.config(), "n_samples": len(ds),
+        "resolution": int(ds.x.shape[-1]), "train_resolution": train_res,
+        "rel_l2_mean": float(err.mean()), "rel_l2_std": float(err.std()) if len(err) > 1 else 0.0,
+        "rel_l2": err.tolist(), "wall_clock_s": wall,
+    }
+    if stats:
+        out["solver"] = {"n_iter_mean": float(stats["n_iter"].float().mean()),
+                         "residual_mean": float(stats["residual"].mean()),
+                         "converged_fraction": float(stats["converged"].float().mean()),
+                         "n_iter": stats["n_iter"].tolist(), "residual": stats["residual"].tolist()}
+    return out
+
+
+def plot_prediction(x: Tensor, y: Tensor, pred: Tensor, path: str | os.PathLike,
+                    names: tuple[str, ...] = ("coefficient", "solution")) -> Path:
+    """PNG with one row per sample: first input channel, truth, prediction, |error|."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = x.shape[0]
+    fig, axes = plt.subplots(k, 4, figsize=(12, 2.8 * k), squeeze=False)
+    err = relative_l2(pred, y)
+    for i in range(k):
+        panels = [(x[i, 0], names[0]), (y[i, 0], f"truth ({names[-1]})"), (pred[i, 0], "prediction"),
+                  ((pred[i, 0] - y[i, 0]).abs(), f"|error| (rel L2 {float(err[i]):.3f})")]
+        for j, (img, title) in enumerate(panels):
+            ax = axes[i, j]
+            im = ax.imshow(img.T.numpy(), origin="lower", extent=(0, 1, 0, 1),
+                           cmap="magma" if j == 3 else "viridis")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    from implicit.results import write_json_atomic
+
+    return write_json_atomic(path, json.loads(json.dumps(data, default=float)))

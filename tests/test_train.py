@@ -1,0 +1,129 @@
+"""Training, resume, DDP (gloo, 2 processes), evaluation and data checks on a tiny Darcy file (CPU)."""
+
+import os
+import socket
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pde.datasets import generate_split
+from pde.train import TrainConfig, add_observation_noise, evaluate, load_config, noise_levels, train
+
+RECIPE = {"name": "darcy-t", "generator": "darcy", "seed": 0, "chunk_size": 16, "store_dtype": "float32",
+          "splits": {"train": 16, "test": 4}, "darcy": {"fine_resolution": 25, "subsample": 2}}
+
+
+@pytest.fixture(scope="module")
+def darcy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("darcy")
+    for split in ("train", "test"):
+        generate_split(RECIPE, split, d, progress=False)
+    return d / "darcy-t_train.h5"
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="fno-deq", width=6, modes=3, max_iter=4, eval_max_iter=4,
+                backward="phantom", pretrain_steps=2, pretrain_iter=2, epochs=3, batch_size=8, lr=3e-3,
+                plot=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(darcy, tmp_path):
+    s = train(_cfg(darcy, tmp_path / "run", epochs=4, plot=True), progress=False, log=lambda m: None)
+    h = s["history"]
+    assert h[-1]["train_rel_l2"] < h[0]["train_rel_l2"]
+    assert (tmp_path / "run" / "prediction.png").is_file()
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["model_config"]["model"] == "fno-deq" and ck["epoch"] == 4
+    res = evaluate(tmp_path / "run" / "checkpoint.pt", darcy.with_name("darcy-t_test.h5"), device="cpu")
+    assert res["rel_l2_mean"] == pytest.approx(h[-1]["test_rel_l2"], rel=1e-5)
+    assert len(res["rel_l2"]) == 4 and res["solver"]["n_iter_mean"] <= 4
+    # zero-shot at another resolution (every other grid point: 7x7 from 13x13)
+    low = evaluate(tmp_path / "run" / "checkpoint.pt", darcy.with_name("darcy-t_test.h5"), subsample=2, device="cpu")
+    assert low["resolution"] == 7 and np.isfinite(low["rel_l2_mean"])
+
+
+@pytest.mark.parametrize("model", ["fno", "ifno"])
+def test_baselines_train(darcy, tmp_path, model):
+    s = train(_cfg(darcy, tmp_path / model, model=model, depth=1, iterations=2, epochs=2), progress=False,
+              log=lambda m: None)
+    assert np.isfinite(s["history"][-1]["test_rel_l2"])
+
+
+def test_resume_equals_uninterrupted(darcy, tmp_path):
+    full = train(_cfg(darcy, tmp_path / "a", epochs=3), progress=False, log=lambda m: None)
+    train(_cfg(darcy, tmp_path / "b", epochs=3), progress=False, log=lambda m: None, stop_after=1)
+    resumed = train(_cfg(darcy, tmp_path / "b", epochs=3), resume=True, progress=False, log=lambda m: None)
+    for k, v in full["final_state"].items():
+        torch.testing.assert_close(resumed["final_state"][k], v, rtol=0, atol=0, msg=k)
+    assert [r["train_rel_l2"] for r in resumed["history"]] == [r["train_rel_l2"] for r in full["history"]]
+    with pytest.raises(ValueError, match="another configuration"):
+        train(_cfg(darcy, tmp_path / "b", epochs=3, lr=1e-2), progress=False, log=lambda m: None)
+
+
+def _ddp_worker(rank, port, cfg, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        s = train(cfg, progress=False, log=lambda m: None)
+        if rank == 0:
+            torch.save(s["final_state"], out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path):
+    # norm="none": with instance norm the biases before each norm have zero gradient in exact
+    # arithmetic, and Adam turns their rounding noise into lr-sized, order-dependent steps
+    kw = dict(epochs=2, batch_size=8, scheduler="constant", norm="none")
+    single = train(_cfg(darcy, tmp_path / "one", **kw), progress=False, log=lambda m: None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, _cfg(darcy, tmp_path / "two", **kw), out), nprocs=2)
+    ddp = torch.load(out, weights_only=True)
+    for k, v in single["final_state"].items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_wrong_variables_or_shapes_fail_clearly(darcy, tmp_path):
+    bad = tmp_path / "bad_train.h5"
+    with h5py.File(darcy, "r") as src, h5py.File(bad, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in ("x", "y", "sample", "coefficient"):
+            dst.create_dataset(name, data=src[name][()])
+        dst.create_dataset("pressure", data=src["solution"][()])
+    with pytest.raises(ValueError, match="solution"):
+        train(_cfg(bad, tmp_path / "r1", test_data=str(darcy)), progress=False, log=lambda m: None)
+    flat = tmp_path / "flat_train.h5"
+    with h5py.File(darcy, "r") as src, h5py.File(flat, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in ("x", "y", "sample"):
+            dst.create_dataset(name, data=src[name][()])
+        dst.create_dataset("coefficient", data=src["coefficient"][()][:, :, :5])
+        dst.create_dataset("solution", data=src["solution"][()])
+    with pytest.raises(ValueError, match=r"\(sample, x, y\)"):
+        train(_cfg(flat, tmp_path / "r2", test_data=str(darcy)), progress=False, log=lambda m: None)
+
+
+def test_noise_protocol_and_config():
+    assert noise_levels(1e-3) == [0.0, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
+    x = torch.zeros(17, 1, 4, 4)
+    y = add_observation_noise(x, 1e-3, seed=0)
+    assert torch.equal(y[:2], x[:2]) and torch.equal(y[16:], x[16:])  # clean chunk and remainder
+    assert 0.01 < y[14:16].std() < 0.06  # last chunk: variance 1e-3
+    assert torch.equal(y, add_observation_noise(x, 1e-3, seed=0))
+    cfg = load_config("darcy", epochs=3)
+    assert cfg.model == "fno-deq" and cfg.epochs == 3
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_config("darcy", epoch=3)
+    with pytest.raises(ValueError, match="scheduler"):
+        load_config("darcy", scheduler="linear")
