@@ -165,7 +165,7 @@ def test_input_checks_name_the_problem():
     x0 = torch.randn(2, 3)
     step = lambda x, k: x  # noqa: E731
     with pytest.raises(ValueError, match="Unknown recurrence method"):
-        solve_recurrence(step, x0, 4, method="newton")
+        solve_recurrence(step, x0, 4, method="gauss_seidel")
     with pytest.raises(ValueError, match="n_steps"):
         solve_recurrence(step, x0, 0)
     with pytest.raises(ValueError, match="inputs must have shape"):
