@@ -10,7 +10,7 @@ view of DEQ-DDIM (Pokle et al., arXiv 2210.12867), ParaDiGMS (Shih et al., arXiv
 - ``"picard"``: Jacobi sweeps ``X <- T(X)``. Because ``T`` is lower triangular in
   time, sweep ``j`` makes the first ``j`` states exact: at most ``K`` sweeps.
 - ``"anderson"``: Anderson acceleration on the stacked trajectory (DEQ-DDIM, and in
-  spirit ParaTAA), usually far fewer rounds than Picard.
+  spirit ParaTAA).
 - ``"newton"``: Newton on the trajectory with the block-bidiagonal linear step solved
   by a parallel scan (DEER; :mod:`implicit.solvers.newton_recurrence`): a handful of
   rounds for smooth dynamics, at the cost of ``d x d`` Jacobians per step.
@@ -22,7 +22,10 @@ view of DEQ-DDIM (Pokle et al., arXiv 2210.12867), ParaDiGMS (Shih et al., arXiv
 All three run in the shared loop :func:`implicit.solvers.iterate` (so they get its
 per-sample statuses, NaN detection, sync-every-k and CUDA-graph capture); the
 window sets the loop's ``Method.finished`` flag, because a small change inside the
-window does not mean the states beyond it are done. Gradients through the
+window does not mean the states beyond it are done. When ``step(x, k) = a_k x + r(x, k)``
+with a known ``a_k`` (``linear=``), every method iterates the anchored form instead,
+each state written from ``x_0`` and the ``r`` of earlier states; near-identity steps
+(DDIM, Euler) then converge in a few rounds instead of about ``K``. Gradients through the
 solution use :mod:`implicit.backward` on the full map ``T``: exact implicit
 differentiation (``"ift"``; the adjoint of a triangular ``T`` is exact in ``K``
 Picard sweeps), ``"phantom"``, ``"jfb"`` or ``"unrolled"``.
@@ -60,14 +63,46 @@ def _call_step(step: Step, x: Tensor, k: Tensor, u: Tensor | None, chunk: int | 
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         outs.append(step(x[a:b], k[a:b]) if u is None else step(x[a:b], k[a:b], u[a:b]))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs)
 
 
-class _TrajectoryMap:
-    """``T(X) = [step(x_0, 0), step(x_1, 1), ..., step(x_{K-1}, K-1)]`` on ``X`` of shape (B, K, ...)."""
+def _split(res, prev: Tensor, linear) -> tuple[Tensor, Tensor]:
+    """``(out, a)`` as (N, n): the step output and its linear coefficient per element."""
+    N = prev.shape[0]
+    if isinstance(linear, str):  # step returned (x_next, a), a broadcastable to x
+        out, a = res
+        return out.reshape(N, -1), a.expand_as(out).reshape(N, -1)
+    return res.reshape(N, -1), linear.reshape(N, 1).expand(N, prev[0].numel())
 
-    def __init__(self, step: Step, x0: Tensor, inputs: Tensor | None, K: int, chunk: int | None):
-        self.step, self.x0, self.inputs, self.K, self.chunk = step, x0, inputs, K, chunk
+
+def scaled_scan(a: Tensor, r: Tensor, y0: Tensor) -> Tensor:
+    """All of ``y_{j+1} = a_j y_j + r_j`` for ``j < L`` at once: (B, L, n) from ``a`` (B, L, n), ``r`` (B, L, n), ``y0`` (B, n).
+
+    A Hillis-Steele scan over composed elementwise affine maps: ``log2(L)`` passes, exact
+    for any ``a`` (zeros included), no host syncs.
+    """
+    A, R = a, r
+    offset, L = 1, r.shape[1]
+    while offset < L:
+        R = torch.cat([R[:, :offset], A[:, offset:] * R[:, :-offset] + R[:, offset:]], dim=1)
+        A = torch.cat([A[:, :offset], A[:, offset:] * A[:, :-offset]], dim=1)
+        offset *= 2
+    return A * y0[:, None] + R
+
+
+class _TrajectoryMap:
+    """The trajectory map on ``X`` of shape (B, K, ...).
+
+    Without ``linear``: ``T(X) = [step(x_0, 0), step(x_1, 1), ..., step(x_{K-1}, K-1)]``.
+    With ``linear`` coefficients ``a`` (B, K): the anchored form ``T(X) = scan(a, r(X))``
+    with ``r_k = step(x_k, k) - a_k x_k``, the same fixed point, every state tied to ``x_0``.
+    """
+
+    def __init__(self, step: Step, x0: Tensor, inputs: Tensor | None, K: int, chunk: int | None,
+                 linear: Tensor | None = None):
+        self.step, self.x0, self.inputs, self.K, self.chunk, self.linear = step, x0, inputs, K, chunk, linear
         B = x0.shape[0]
         self.k = torch.arange(K, device=x0.device).repeat(B)  # row b*K + k is step k of sample b
 
@@ -75,14 +110,19 @@ class _TrajectoryMap:
         B, K, S = X.shape[0], self.K, X.shape[2:]
         prev = torch.cat([self.x0[:, None], X[:, :-1]], dim=1).reshape(B * K, *S)
         u = None if self.inputs is None else self.inputs.reshape(B * K, *self.inputs.shape[2:])
-        return _call_step(self.step, prev, self.k, u, self.chunk).reshape(B, K, *S)
+        res = _call_step(self.step, prev, self.k, u, self.chunk)
+        if self.linear is None:
+            return res.reshape(B, K, *S)
+        out, a = _split(res, prev, self.linear)
+        r = (out - a * prev.reshape(B * K, -1)).reshape(B, K, -1)
+        return scaled_scan(a.reshape(B, K, -1), r, self.x0.reshape(B, -1)).reshape(B, K, *S)
 
 
 class _WindowMap(_TrajectoryMap):
     """``T`` applied only inside each sample's window ``[s, s + w)``; other states pass through."""
 
-    def __init__(self, step, x0, inputs, K, chunk, method: "_Window"):
-        super().__init__(step, x0, inputs, K, chunk)
+    def __init__(self, step, x0, inputs, K, chunk, method: "_Window", linear=None):
+        super().__init__(step, x0, inputs, K, chunk, linear)
         self.method = method
         self.offsets = torch.arange(method.w, device=x0.device)
         self.rows = torch.arange(x0.shape[0], device=x0.device)[:, None]
@@ -95,7 +135,15 @@ class _WindowMap(_TrajectoryMap):
         full = torch.cat([self.x0[:, None], X], dim=1)  # position p holds x_p
         prev = full[self.rows, idxc].reshape(B * w, *S)
         u = None if self.inputs is None else self.inputs[self.rows, idxc].reshape(B * w, *self.inputs.shape[2:])
-        out = _call_step(self.step, prev, idxc.reshape(-1), u, self.chunk).reshape(B, w, *S)
+        res = _call_step(self.step, prev, idxc.reshape(-1), u, self.chunk)
+        if self.linear is None:
+            out = res.reshape(B, w, *S)
+        else:  # anchored to the window's first input, which is final
+            lin = self.linear if isinstance(self.linear, str) else self.linear[self.rows, idxc]
+            o, a = _split(res, prev, lin)
+            r = (o - a * prev.reshape(B * w, -1)).reshape(B, w, -1)
+            y0 = full[self.rows[:, 0], idxc[:, 0]].reshape(B, -1)
+            out = scaled_scan(a.reshape(B, w, -1), r, y0).reshape(B, w, *S)
         buf = torch.cat([X, X[:, :1]], dim=1)  # slot K is scratch for rows outside the trajectory
         buf[self.rows, torch.where(valid, idx, K)] = out
         return buf[:, :K]
@@ -184,6 +232,7 @@ def solve_recurrence(
     *,
     method: str = "anderson",
     inputs: Tensor | None = None,
+    linear: float | Tensor | None = None,
     init: Tensor | None = None,
     tol: float = 1e-5,
     max_iter: int | None = None,
@@ -208,6 +257,14 @@ def solve_recurrence(
         n_steps: ``K``, the number of steps.
         method: ``"picard"``, ``"anderson"`` or ``"window"`` (see the module docstring).
         inputs: optional per-step data (B, K, ...), e.g. DDIM or SDE noise, gathered per row.
+        linear: coefficients ``a_k`` of the part of ``step`` linear in ``x``, ``step(x, k) = a_k x +
+            r(x, k)``: a float, (K,) or (B, K). The solver then iterates the anchored form
+            ``X = scan(a, r(X))`` (DEQ-DDIM's form of the DDIM chain; ParaDiGMS's cumulative-sum
+            Picard when ``a = 1``, e.g. Euler steps ``x + h f(x)``): the same solution, but a
+            slowly varying ``r`` converges in far fewer rounds than the plain map. ``"step"``:
+            ``step`` returns ``(x_next, a)`` with ``a`` broadcastable to ``x``, a per-element
+            coefficient that may depend on the state (e.g. zero where DDIM clips). ``None``:
+            the plain map ``T(X)_k = step(x_{k-1}, k-1)``.
         init: initial guess of the trajectory (B, K, ...); default ``x0`` repeated.
         tol: tolerance in ``stop_mode`` on the whole trajectory (``"picard"``, ``"anderson"``),
             or on each state's change per round (``"window"``).
@@ -253,9 +310,13 @@ def solve_recurrence(
 
     x0d = x0.detach()
     ud = None if inputs is None else inputs.detach()
+    lin = _linear(linear, B, K, x0)
+    if method == "newton" and isinstance(lin, str):
+        raise ValueError('linear="step" (a step returning (x_next, a)) is not supported by method="newton"')
+    lin_map = None if method == "newton" else lin  # Newton linearises the plain map itself
     if graph and x0.device.type == "cuda":
         key = (method, rule.key(), tuple(x0.shape), x0.dtype, x0.device, K, chunk,
-               None if ud is None else (tuple(ud.shape), ud.dtype))
+               None if ud is None else (tuple(ud.shape), ud.dtype), lin_map is None)
         try:
             cache = _GRAPH_MAPS.setdefault(step, {})
         except TypeError:
@@ -264,17 +325,21 @@ def solve_recurrence(
         if key not in cache:
             x0_buf = x0d.clone()
             u_buf = None if ud is None else ud.clone()
-            F = (_WindowMap(step, x0_buf, u_buf, K, chunk, rule) if method == "window"
-                 else _TrajectoryMap(step, x0_buf, u_buf, K, chunk))
+            lin_buf = lin_map.clone() if torch.is_tensor(lin_map) else lin_map
+            F = (_WindowMap(step, x0_buf, u_buf, K, chunk, rule, lin_buf) if method == "window"
+                 else _TrajectoryMap(step, x0_buf, u_buf, K, chunk, lin_buf))
             cache[key] = F
         F = cache[key]
         F.x0.copy_(x0d)
         if ud is not None:
             F.inputs.copy_(ud)
+        if torch.is_tensor(lin_map):
+            F.linear.copy_(lin_map)
         if method == "window":
             rule = F.method
     else:
-        F = _WindowMap(step, x0d, ud, K, chunk, rule) if method == "window" else _TrajectoryMap(step, x0d, ud, K, chunk)
+        F = (_WindowMap(step, x0d, ud, K, chunk, rule, lin_map) if method == "window"
+             else _TrajectoryMap(step, x0d, ud, K, chunk, lin_map))
 
     z0 = x0d[:, None].expand(B, K, *x0.shape[1:]).contiguous() if init is None else init.detach()
     result = iterate(F, z0, rule, tol=tol, max_iter=max_iter, stop_mode=stop_mode, check_every=check_every,
@@ -284,15 +349,31 @@ def solve_recurrence(
                  step_evaluations=result.n_iter * per_round)
     z = result.z
     if backward is not None and torch.is_grad_enabled():
-        z = _attach_gradient(step, x0, inputs, K, chunk, z, backward, backward_options)
+        z = _attach_gradient(step, x0, inputs, lin, K, chunk, z, backward, backward_options)
     return dataclasses.replace(result, z=z, stats=stats)
 
 
-def _attach_gradient(step, x0, inputs, K, chunk, z_star, backward, options) -> Tensor:
-    """Rebuild the solution with the chosen backward strategy on the full map ``T``."""
+def _linear(linear, B: int, K: int, x0: Tensor) -> Tensor | str | None:
+    if linear is None or linear == "step":
+        return linear
+    a = torch.as_tensor(linear, dtype=x0.dtype, device=x0.device)
+    if a.dim() == 0 or tuple(a.shape) == (K,):
+        return a.expand(B, K).contiguous()
+    if tuple(a.shape) != (B, K):
+        raise ValueError(f"linear must be a float or have shape (K,) = ({K},) or (B, K) = ({B}, {K}), "
+                         f"got {tuple(a.shape)}")
+    return a.contiguous()
+
+
+def _attach_gradient(step, x0, inputs, lin, K, chunk, z_star, backward, options) -> Tensor:
+    """Rebuild the solution with the chosen backward strategy on the full map ``T``.
+
+    With ``linear`` the map is the anchored form, so ``"jfb"`` is DEQ-DDIM's one-step
+    gradient: ``x_0`` reaches every state through its linear term.
+    """
     from ..backward import get_backward  # backward imports the solvers package
 
-    F = _TrajectoryMap(step, x0, inputs, K, chunk)
+    F = _TrajectoryMap(step, x0, inputs, K, chunk, lin)
     shape = z_star.shape
     B = shape[0]
 

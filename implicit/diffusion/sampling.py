@@ -1,0 +1,259 @@
+"""DDIM samplers: sequential, sequential replayed from a CUDA graph, and DEQ-DDIM (parallel in time).
+
+All take any callable ``eps(x, t) -> model output`` (noise, v or x0 prediction, as the
+schedule says) with ``x`` of shape (N, C, H, W) and integer timesteps ``t`` of shape (N,).
+The DDIM update is one batched pure function of ``(x, k)`` (:class:`DDIMStep`), so the
+parallel sampler hands it to :func:`implicit.solvers.solve_recurrence`, which applies it
+to all ``K`` states at once: DEQ-DDIM (Pokle et al., arXiv 2210.12867), with
+ParaDiGMS's sliding window (arXiv 2305.16317) as ``method="window"``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..solvers import SolverResult, solve_recurrence
+from .schedule import DDIMSchedule
+
+__all__ = ["DDIMStep", "ddim", "deq_ddim", "make_noise", "SAMPLERS"]
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class DDIMStep:
+    """``step(x, k[, noise])``: the DDIM update of states ``x`` (N, ...) at step indices ``k`` (N,).
+
+    Step ``k`` goes from timestep ``t_k`` to the next DDIM timestep, as diffusers'
+    ``DDIMScheduler.step`` does (``use_clipped_model_output=False``); ``noise`` rows are
+    added with scale ``sigma_k`` when ``eta > 0``.
+    """
+
+    def __init__(self, eps: EpsFn, schedule: DDIMSchedule, n_steps: int, eta: float = 0.0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", with_linear: bool = False):
+        self.eps, self.schedule, self.n_steps, self.eta = eps, schedule, int(n_steps), float(eta)
+        self.with_linear = with_linear
+        self.c = schedule.coefficients(n_steps, eta, dtype, torch.device(device))
+
+    def predict(self, x: Tensor, k: Tensor, clip: bool = True) -> tuple[Tensor, Tensor]:
+        """Predicted clean sample and noise ``(x0, eps)`` at states ``x`` and step indices ``k``.
+
+        ``x0`` is clipped when the schedule says so and ``clip`` is true.
+        """
+        view = (-1,) + (1,) * (x.dim() - 1)
+        out = self.eps(x, self.c["t"][k])
+        sa, s1 = self.c["sqrt_a"][k].view(view), self.c["sqrt_1ma"][k].view(view)
+        kind = self.schedule.prediction_type
+        if kind == "epsilon":
+            x0, e = (x - s1 * out) / sa, out
+        elif kind == "v_prediction":
+            x0, e = sa * x - s1 * out, sa * out + s1 * x
+        else:
+            x0, e = out, (x - sa * out) / s1
+        if clip and self.schedule.clip_sample:
+            r = self.schedule.clip_sample_range
+            x0 = x0.clamp(-r, r)
+        return x0, e
+
+    def linear_form(self) -> tuple[Tensor, Tensor]:
+        """``(alpha, beta)``, each (K,), with ``x_{k+1} = alpha_k x_k + beta_k out_k (+ sigma_k noise_k)``.
+
+        ``out_k`` is the raw model output; exact without ``clip_sample`` (clipping bends it).
+        This is the form DEQ-DDIM writes its fixed point in, each state anchored to ``x_T``.
+        """
+        c, kind = self.c, self.schedule.prediction_type
+        sa, s1, sap, d = c["sqrt_a"], c["sqrt_1ma"], c["sqrt_a_prev"], c["dir"]
+        if kind == "epsilon":
+            return sap / sa, d - sap * s1 / sa
+        if kind == "v_prediction":
+            return sap * sa + d * s1, d * sa - sap * s1
+        return d / s1, sap - d * sa / s1
+
+    def __call__(self, x: Tensor, k: Tensor, noise: Tensor | None = None):
+        """The next states; with ``with_linear``, ``(next, a)`` where ``a`` (like ``x``) is the
+        coefficient of ``x`` in the update with the model output held fixed (zero where clipped)."""
+        view = (-1,) + (1,) * (x.dim() - 1)
+        x0, e = self.predict(x, k)
+        sap, d = self.c["sqrt_a_prev"][k].view(view), self.c["dir"][k].view(view)
+        out = sap * x0 + d * e
+        if noise is not None and self.eta > 0:
+            out = out + self.c["sigma"][k].view(view) * noise
+        if not self.with_linear:
+            return out
+        sa, s1 = self.c["sqrt_a"][k].view(view), self.c["sqrt_1ma"][k].view(view)
+        cx0, ce = {"epsilon": (1 / sa, 0.0), "v_prediction": (sa, s1), "sample": (0.0, 1 / s1)}[
+            self.schedule.prediction_type]
+        if self.schedule.clip_sample:
+            cx0 = cx0 * (x0.abs() < self.schedule.clip_sample_range).to(x.dtype)
+        return out, (sap * cx0 + d * ce).expand_as(x).detach()
+
+
+def make_noise(x_T: Tensor, n_steps: int, generator: torch.Generator | None = None) -> Tensor:
+    """Per-step noise ``(B, K, ...)`` for ``eta > 0``, drawn on the CPU so it is device-independent."""
+    shape = (x_T.shape[0], int(n_steps), *x_T.shape[1:])
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(x_T.device, x_T.dtype)
+
+
+def _check(x_T: Tensor, eta: float, noise: Tensor | None, n_steps: int) -> None:
+    if not torch.is_tensor(x_T) or x_T.dim() < 2 or not x_T.is_floating_point():
+        raise ValueError("x_T must be a floating-point tensor of shape (B, C, H, W)")
+    if noise is not None and tuple(noise.shape) != (x_T.shape[0], n_steps, *x_T.shape[1:]):
+        raise ValueError(f"noise must have shape (B, n_steps, ...) = {(x_T.shape[0], n_steps, *x_T.shape[1:])}, "
+                         f"got {tuple(noise.shape)}")
+
+
+# Steppers (and CUDA-graph samplers) kept per eps, so repeated calls reuse captured graphs.
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(eps, key, make):
+    try:
+        cache = _CACHE.setdefault(eps, {})
+    except TypeError:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _stepper(eps, schedule, n_steps, eta, x, with_linear: bool = False) -> DDIMStep:
+    key = ("step", id(schedule), n_steps, eta, x.dtype, x.device, with_linear)
+    return _cached(eps, key, lambda: DDIMStep(eps, schedule, n_steps, eta, x.dtype, x.device, with_linear))
+
+
+def ddim(
+    eps: EpsFn,
+    x_T: Tensor,
+    schedule: DDIMSchedule,
+    n_steps: int,
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    graph: bool = False,
+    callback: Callable[[int, Tensor], None] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Sequential DDIM (Song et al., 2021): ``n_steps`` model calls from ``x_T`` (B, C, H, W) to ``x_0``.
+
+    Args:
+        eta: 0 is deterministic DDIM; ``eta > 0`` adds ``noise`` (B, K, ...) (or noise drawn from
+            ``generator``) scaled by ``eta`` times the DDPM posterior std.
+        graph: on CUDA, capture one step as a CUDA graph and replay it ``n_steps`` times (the
+            fast sequential sampler; launch-bound small models run several times faster). The
+            graph is cached on ``eps``; ``eps`` must be capturable (no host syncs).
+        callback: ``callback(k, x)`` after each step (ignored with ``graph=True``).
+        progress: show a progress bar.
+    """
+    _check(x_T, eta, noise, n_steps)
+    if eta > 0 and noise is None:
+        noise = make_noise(x_T, n_steps, generator)
+    step = _stepper(eps, schedule, n_steps, eta, x_T)
+    if graph and x_T.is_cuda:
+        runner = _cached(eps, ("graph", id(schedule), n_steps, eta, tuple(x_T.shape), x_T.dtype, x_T.device),
+                         lambda: _GraphSequential(step, x_T, noise is not None and eta > 0))
+        return runner(x_T, noise)
+    x = x_T
+    steps = range(n_steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="DDIM", leave=False)
+    for k in steps:
+        kk = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+        x = step(x, kk, None if noise is None else noise[:, k])
+        if callback is not None:
+            callback(k, x)
+    return x
+
+
+class _GraphSequential:
+    """One DDIM step captured as a CUDA graph; a device counter selects the step, replayed K times."""
+
+    def __init__(self, step: DDIMStep, x_T: Tensor, with_noise: bool):
+        self.step, self.K = step, step.n_steps
+        self.x = x_T.detach().clone()
+        self.k = torch.zeros(1, device=x_T.device, dtype=torch.long)
+        self.noise = torch.zeros(x_T.shape[0], self.K, *x_T.shape[1:], device=x_T.device, dtype=x_T.dtype) \
+            if with_noise else None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):  # warm-up: lazy initialisation happens outside the capture
+                self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self._body()
+
+    def _body(self) -> None:
+        kk = self.k.expand(self.x.shape[0])
+        nz = None if self.noise is None else self.noise.index_select(1, self.k).squeeze(1)
+        self.x.copy_(self.step(self.x, kk, nz))
+        self.k.add_(1)
+
+    def __call__(self, x_T: Tensor, noise: Tensor | None) -> Tensor:
+        self.x.copy_(x_T)
+        self.k.zero_()
+        if self.noise is not None:
+            self.noise.copy_(noise)
+        for _ in range(self.K):
+            self.graph.replay()
+        return self.x.clone()
+
+
+def deq_ddim(
+    eps: EpsFn,
+    x_T: Tensor,
+    schedule: DDIMSchedule,
+    n_steps: int,
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    method: str = "anderson",
+    tol: float = 1e-4,
+    max_iter: int | None = None,
+    stop_mode: str = "rel",
+    window: int | None = None,
+    chunk: int | None = None,
+    init: Tensor | None = None,
+    anchored: bool = True,
+    graph: bool = False,
+    backward: str | Callable[..., Tensor] | None = "ift",
+    backward_options: dict | None = None,
+    **solver_options: Any,
+) -> tuple[Tensor, SolverResult]:
+    """DEQ-DDIM (Pokle et al., 2022): the whole DDIM chain as one fixed point, solved in parallel.
+
+    Same arguments as :func:`ddim`, plus the recurrence solver's (``method`` ``"anderson"``,
+    ``"picard"`` or ``"window"``; ``tol``, ``max_iter``, ``window``, ``chunk`` rows per model
+    call, ``init`` trajectory guess, ``graph``, ``backward``; see
+    :func:`implicit.solvers.solve_recurrence`). Gradients of the sample with respect to
+    ``x_T`` (and the model) flow by the ``backward`` strategy when autograd is on.
+
+    ``anchored=True`` solves DEQ-DDIM's form of the chain, each state written from ``x_T``
+    and the model outputs of earlier states (``x_{k+1} = alpha_k x_k + beta_k out_k`` summed
+    up by a parallel scan; ``alpha`` is zero where ``clip_sample`` clips), so rounds track how
+    fast the model output settles, not ``K``;
+    there ``backward="jfb"`` is DEQ-DDIM's one-step gradient. ``False``: the plain map
+    ``x_{k+1} = step(x_k)``, which Picard needs about ``K`` rounds for.
+
+    Returns:
+        ``(x_0, result)``: the sample (B, C, H, W) and the :class:`SolverResult`, whose ``z`` is
+        the trajectory (B, K, C, H, W) and whose ``n_iter`` counts parallel rounds per sample.
+    """
+    _check(x_T, eta, noise, n_steps)
+    if eta > 0 and noise is None:
+        noise = make_noise(x_T, n_steps, generator)
+    step = _stepper(eps, schedule, n_steps, eta, x_T, with_linear=anchored)
+    result = solve_recurrence(step, x_T, n_steps, method=method, inputs=noise if eta > 0 else None, init=init,
+                              linear="step" if anchored else None,
+                              tol=tol, max_iter=max_iter, stop_mode=stop_mode, window=window, chunk=chunk,
+                              graph=graph, backward=backward, backward_options=backward_options, **solver_options)
+    return result.z[:, -1], result
+
+
+SAMPLERS = ("sequential", "graph", "deq", "picard", "window")

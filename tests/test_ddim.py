@@ -1,0 +1,166 @@
+"""DDIM samplers: diffusers parity, DEQ-DDIM equals sequential, implicit gradients, inversion."""
+
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # noqa: E402
+
+from implicit.diffusion import DDIMSchedule, UNetEps, ddim, ddim_invert, deq_ddim, invert, make_noise  # noqa: E402
+
+
+def tiny_unet(seed=0, channels=1, size=8):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny UNet trained briefly on 8x8 digits, loaded back through the local-folder adapter."""
+    from implicit.diffusion import load_local
+    from implicit.diffusion.train import TrainConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TrainConfig(size="tiny", sample_size=8, steps=60, batch=32, lr=3e-3, save_every=30)
+    folder = train_teacher(out, cfg, progress=False)
+    return load_local(folder)
+
+
+CONFIGS = [
+    dict(),
+    dict(beta_schedule="scaled_linear", beta_end=0.012, timestep_spacing="trailing", prediction_type="v_prediction",
+         set_alpha_to_one=False, clip_sample=False),
+    dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", steps_offset=1, clip_sample_range=0.5),
+    dict(timestep_spacing="leading", steps_offset=1, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+         clip_sample=False),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sequential_ddim_matches_diffusers_scheduler(unet, config, eta):
+    scheduler = DDIMScheduler(**config)
+    schedule = DDIMSchedule.from_config(scheduler)
+    K = 20
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = make_noise(x_T, K, torch.Generator().manual_seed(1))
+    ours = ddim(UNetEps(unet), x_T, schedule, K, eta=eta, noise=noise)
+    scheduler.set_timesteps(K)
+    x = x_T
+    for k, t in enumerate(scheduler.timesteps):
+        out = unet(x, t).sample
+        x = scheduler.step(out, t, x, eta=eta, variance_noise=noise[:, k] if eta > 0 else None).prev_sample
+    assert (ours - x).abs().max() <= 1e-5
+
+
+def test_sequential_ddim_matches_ddim_pipeline(unet):
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=True)
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=50, eta=0.0,
+                 output_type="pt").images
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = ddim(UNetEps(unet), x_T, DDIMSchedule.from_config(pipe.scheduler), 50)
+    torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), image, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol,limit", [(torch.float32, 1e-6, 1e-4), (torch.float64, 1e-12, 1e-8)])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("method", ["anderson", "picard", "window"])
+def test_deq_ddim_equals_sequential_over_50_steps(teacher, dtype, tol, limit, eta, method):
+    net = copy.deepcopy(teacher[2]).to(dtype)
+    eps, schedule, K = UNetEps(net), teacher[1], 50  # the teacher's DDIMScheduler config (clip_sample=True)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    noise = make_noise(x_T, K, torch.Generator().manual_seed(1)) if eta > 0 else None
+    seq = ddim(eps, x_T, schedule, K, eta=eta, noise=noise)
+    if dtype == torch.float32 and method == "anderson":
+        tol = 1e-5  # Anderson's float32 residual floor sits near 2e-6; its error is still below the limit
+    with torch.no_grad():
+        par, result = deq_ddim(eps, x_T, schedule, K, eta=eta, noise=noise, method=method, tol=tol, window=10,
+                               max_iter=120)
+    assert result.converged.all(), result.summary()
+    assert (par - seq).abs().max() <= limit
+    assert result.z.shape == (2, K, 1, 8, 8)
+
+
+def test_implicit_gradient_wrt_x_T_equals_autograd_through_chain():
+    net = tiny_unet().double()
+    eps, schedule, K = UNetEps(net), DDIMSchedule.create(clip_sample=False), 15
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    xa = x_T.clone().requires_grad_()
+    (grad_seq,) = torch.autograd.grad((ddim(eps, xa, schedule, K) * w).sum(), xa)
+    xb = x_T.clone().requires_grad_()
+    x0, result = deq_ddim(eps, xb, schedule, K, method="anderson", tol=1e-13, max_iter=60,
+                          backward="ift", backward_options={"tol": 1e-13})
+    (grad_deq,) = torch.autograd.grad((x0 * w).sum(), xb)
+    assert result.converged.all()
+    torch.testing.assert_close(grad_deq, grad_seq, atol=1e-9, rtol=1e-8)
+
+
+def test_linear_form_reproduces_the_step():
+    net = tiny_unet().double()
+    for pred in ("epsilon", "v_prediction", "sample"):
+        schedule = DDIMSchedule.create(prediction_type=pred, clip_sample=False)
+        from implicit.diffusion import DDIMStep
+        step = DDIMStep(UNetEps(net), schedule, 10, dtype=torch.float64)
+        alpha, beta = step.linear_form()
+        x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+        k = torch.tensor([0, 4, 9])
+        out = net(x, step.c["t"][k]).sample
+        torch.testing.assert_close(step(x, k), alpha[k].view(-1, 1, 1, 1) * x + beta[k].view(-1, 1, 1, 1) * out)
+
+
+def test_ddim_inversion_round_trips_on_smooth_model():
+    schedule = DDIMSchedule.create(clip_sample=False)
+
+    def eps(x, t):  # a model whose noise prediction is smooth in x and t
+        return 0.1 * torch.tanh(x) * (t[:, None, None, None] / 1000.0)
+
+    x_T = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    x0 = ddim(eps, x_T, schedule, 50)
+    back = ddim_invert(eps, x0, schedule, 50)
+    assert (back - x_T).abs().max() < 0.05
+
+
+def test_bad_inputs_raise_clear_errors(unet):
+    schedule, eps = DDIMSchedule.create(), UNetEps(unet)
+    with pytest.raises(ValueError, match="the model takes"):
+        invert(eps, torch.zeros(1, 1, 16, 16), schedule, 5, sample_shape=eps.sample_shape)
+    bad = torch.zeros(1, 1, 8, 8)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        invert(eps, bad, schedule, 5)
+    with pytest.raises(ValueError, match="Unknown inversion method"):
+        invert(eps, torch.zeros(1, 1, 8, 8), schedule, 5, method="magic")
+    with pytest.raises(ValueError, match="noise must have shape"):
+        ddim(eps, torch.zeros(1, 1, 8, 8), schedule, 5, eta=1.0, noise=torch.zeros(1, 4, 1, 8, 8))
+    with pytest.raises(ValueError, match="prediction_type"):
+        DDIMSchedule.create(prediction_type="x")
+    with pytest.raises(ValueError, match="n_steps"):
+        ddim(eps, torch.zeros(1, 1, 8, 8), schedule, 1001)
+
+
+@pytest.mark.parametrize("method,backward", [("deq", "jfb"), ("deq", "ift"), ("backprop", None)])
+def test_inversion_lowers_reconstruction_mse(teacher, method, backward):
+    eps, schedule = teacher[0], teacher[1]
+    from implicit.diffusion.train import load_images
+
+    target = load_images("digits", 8)[:2]
+    opts = {"backward": backward} if backward else {}
+    res = invert(eps, target, schedule, 10, method=method, iters=8, lr=0.1, tol=1e-4,
+                 sample_shape=eps.sample_shape, **opts)
+    first, last = res.history[0][1], res.history[-1][1]
+    assert last < 0.95 * first, res.history
+    assert res.x_T.shape == target.shape and res.reconstruction.shape == target.shape
+    assert all(t2 >= t1 for (t1, _), (t2, _) in zip(res.history, res.history[1:]))
