@@ -44,10 +44,10 @@ def test_manufactured_steady_state_recovered():
 
 
 def test_time_stepping_reaches_the_same_steady_state():
-    nu = 0.05
+    nu = 0.1
     w, f = _manufactured(16, nu)
-    wt, rel, steps = integrate_to_steady(f, nu, dt=0.02, tol=1e-8, check_every=25)
-    assert rel.item() <= 1e-8 and steps < 5000
+    wt, rel, steps = integrate_to_steady(f, nu, dt=0.02, tol=1e-7, check_every=25)
+    assert rel.item() <= 1e-7 and steps < 1000
     assert (wt - w).abs().max().item() < 1e-6
 
 
