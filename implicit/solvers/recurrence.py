@@ -269,7 +269,7 @@ def solve_recurrence(
         tol: tolerance in ``stop_mode`` on the whole trajectory (``"picard"``, ``"anderson"``),
             or on each state's change per round (``"window"``).
         max_iter: most rounds (evaluations of the map); default ``K + 1``, enough for Picard
-            and the window to be exact (``2 K`` for Anderson).
+            and the window to be exact (``2 K + 10`` for Anderson).
         stop_mode: ``"rel"`` or ``"abs"``, as in :func:`implicit.solvers.iterate`.
         window: states per round of ``"window"`` (default ``min(K, 32)``).
         fill: ``"window"`` starts entering states from the newest computed one (ParaDiGMS).
@@ -293,7 +293,7 @@ def solve_recurrence(
     _check(step, x0, n_steps, method, inputs, init, window, chunk)
     K, B = int(n_steps), x0.shape[0]
     if max_iter is None:  # Picard and the window are exact after K rounds; Anderson has no such bound
-        max_iter = 2 * K if method == "anderson" else K + 1
+        max_iter = 2 * K + 10 if method == "anderson" else K + 1
     w = min(K, 32 if window is None else int(window))
     if method == "window":
         rule: Method = _Window(w, K, tol, stop_mode == "rel", fill)
