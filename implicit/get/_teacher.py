@@ -49,6 +49,8 @@ def sampler(teacher: str | Path, *, sampler: str = "ddim", steps: int = 100, dev
     device = torch.device(device)
     if sampler == "ddim" and device.type == "cuda":
         options.setdefault("graph", True)  # the CUDA-graph sequential sampler: same numbers, faster
+    if sampler == "deq-ddim":
+        options.setdefault("tol", 1e-5)  # pairs should match sequential DDIM's images closely
     eps, schedule, unet, _ = load_local(teacher, device=device)
     fn = TeacherSampler(eps, schedule, sampler, steps, options)
     recipe = {"teacher": str(Path(teacher).resolve()), "sampler": sampler, "steps": steps, "eta": 0.0,

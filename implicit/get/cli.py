@@ -21,6 +21,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sampler", choices=["ddim", "deq-ddim"], default="ddim",
                    help="sequential DDIM or DEQ-DDIM (recorded in the file)")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the teacher")
+    p.add_argument("--tol", type=float, help="DEQ-DDIM solver tolerance (default 1e-5, relative)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_pairs)
 
@@ -52,7 +53,8 @@ def _pairs(args: argparse.Namespace) -> None:
     from .pairs import teacher_sampler, write_pairs
 
     device = _device(args.device)
-    fn, recipe = teacher_sampler(args.teacher, sampler=args.sampler, steps=args.steps, device=device)
+    options = {"tol": args.tol} if args.tol is not None and args.sampler == "deq-ddim" else {}
+    fn, recipe = teacher_sampler(args.teacher, sampler=args.sampler, steps=args.steps, device=device, **options)
     path = write_pairs(args.out, fn, n=args.n, shape=tuple(recipe["teacher_shape"]), batch_size=args.batch_size,
                        seed=args.seed, recipe=recipe, device=device)
     print(f"pairs: {path}")

@@ -124,10 +124,13 @@ def _new_model(cfg: TrainConfig) -> nn.Module:
     return build_model(cfg.model, **cfg.model_options)
 
 
-def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True, data: dict | None = None) -> dict:
+def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True, data: dict | None = None,
+          max_seconds: float | None = None) -> dict:
     """Train (or resume) the run in ``cfg.out``; returns a summary dict.
 
     ``stop_at`` stops after that many total steps (saving a checkpoint), as if interrupted;
+    ``max_seconds`` stops (with a checkpoint) once this call has run that long (checked every
+    10 steps; ``summary["step"]`` then says how far it got);
     ``data`` passes already-loaded pairs (a :func:`load_pairs` dict) instead of reading ``cfg.pairs``.
     """
     from tqdm.auto import tqdm
@@ -201,6 +204,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(history[-50:]) / 50:.4f}")
+        if max_seconds is not None and step % 10 == 0 and time.perf_counter() - start > max_seconds:
+            end = step  # out of time: stop here, checkpointed, as an interrupted run would
         if step % cfg.ckpt_every == 0 or step == end:
             save()
     bar.close()

@@ -1,0 +1,196 @@
+"""GET vs a 5x larger ViT vs a plain one-step student, distilled from the package's own digits teacher.
+
+Pipeline (one process, every stage reused when its output already exists):
+1. teacher: the package's diffusers UNet2DModel trained on scikit-learn digits at 32x32
+   (:func:`implicit.diffusion.train.train_teacher`, DDPM objective), or ``--teacher``;
+2. pairs: x_T and the teacher's 100-step DDIM image (HDF5, :func:`implicit.get.pairs.write_pairs`);
+3. three students at equal training steps: GET (6 plain fixed-point iterations, phantom gradient),
+   a ViT with ~5x GET's parameters, and a plain ViT with GET's parameters;
+4. evaluation on held-out noise: FD-own (Frechet distance in the features of a CNN the package
+   trains itself on digits; not FID), precision/recall, nearest-neighbour ratio, MSE to the teacher,
+   samples/s, params, FLOPs; GET also evaluated with Anderson to a tolerance instead of 6 iterations;
+   the teacher's own 100-step sampling speed for the speed-up target.
+
+Writes experiments/results/get_distill.json (+ .png). ``--small`` runs everything at toy size on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from implicit.bench._timing import timed
+from implicit.get.evaluate import digits_images, evaluate_generator, generate, train_feature_net
+from implicit.get.model import build_model
+from implicit.get.pairs import load_pairs, teacher_sampler, write_pairs
+from implicit.get.train import TrainConfig, load_generator, train
+from implicit.results import target, write_results
+from implicit.solvers import NonConvergenceWarning
+
+FULL = dict(teacher_size="small", teacher_steps=3000, teacher_batch=128, teacher_lr=4e-4, n_pairs=24000, holdout=2000,
+            pair_batch=2000, ddim_steps=100, steps=4000, batch=256, lr=3e-4, dim=192, big_dim=384, big_depth=5,
+            feat_epochs=20, student_minutes=1.4)
+SMALL = dict(teacher_size="tiny", teacher_steps=30, teacher_batch=32, teacher_lr=1e-3, n_pairs=256, holdout=64,
+             pair_batch=64, ddim_steps=10, steps=40, batch=32, lr=1e-3, dim=32, big_dim=64, big_depth=5,
+             feat_epochs=2, student_minutes=2.0)
+
+
+def students(p: dict) -> dict[str, tuple[str, dict]]:
+    """The three students: (model kind, options). GET runs the paper's 6 plain iterations."""
+    base = dict(image_size=32, channels=1, patch=4)
+    heads = max(2, p["dim"] // 64)
+    return {
+        "get": ("get", dict(base, dim=p["dim"], heads=heads, inj_depth=2, eq_depth=2, solver="fixed", max_iter=6,
+                            backward="phantom", phantom_steps=1, phantom_damping=0.8)),
+        "vit_5x": ("vit", dict(base, dim=p["big_dim"], heads=max(2, p["big_dim"] // 64), depth=p["big_depth"])),
+        "vit_plain": ("vit", dict(base, dim=p["dim"], heads=heads, depth=4)),
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="toy sizes; runs on the CPU in a few minutes")
+    ap.add_argument("--teacher", help="existing teacher folder (diffusers unet/ + scheduler/); default: train one")
+    ap.add_argument("--work", default="runs/get_distill", help="folder for the teacher, pairs and student runs")
+    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, help="override the student training steps")
+    ap.add_argument("--n-pairs", type=int, help="override the number of pairs (holdout included)")
+    args = ap.parse_args(argv)
+    p = dict(SMALL if args.small else FULL)
+    p["steps"] = args.steps or p["steps"]
+    p["n_pairs"] = args.n_pairs or p["n_pairs"]
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    work = Path(args.work + ("_small" if args.small else ""))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    # 1. teacher
+    if args.teacher:
+        teacher = Path(args.teacher)
+    else:  # trains, or resumes, or finds the finished teacher in the work folder
+        from implicit.diffusion.train import TrainConfig as TeacherConfig, train_teacher
+
+        tcfg = TeacherConfig(data="digits", size=p["teacher_size"], steps=p["teacher_steps"],
+                             batch=p["teacher_batch"], lr=p["teacher_lr"], save_every=1000)
+        done = work / "teacher" / "pipeline"
+        teacher = done if (done / "unet").is_dir() else train_teacher(work / "teacher", tcfg, device=device)
+    stages["teacher_s"] = time.perf_counter() - t0
+
+    # 2. pairs
+    t = time.perf_counter()
+    fn, recipe = teacher_sampler(teacher, sampler="ddim", steps=p["ddim_steps"], device=device)
+    pairs_path = write_pairs(work / "pairs.h5", fn, n=p["n_pairs"], shape=tuple(recipe["teacher_shape"]),
+                             batch_size=p["pair_batch"], seed=0, recipe=recipe, device=device)
+    data = load_pairs(pairs_path, holdout=p["holdout"])
+    stages["pairs_s"] = time.perf_counter() - t
+    test = data["test"]
+
+    # 3. feature net for FD-own (trained on the real digits)
+    t = time.perf_counter()
+    real, labels = digits_images(32)
+    net, acc = train_feature_net(real, labels, epochs=p["feat_epochs"], device=device, cache=work / "featnet.pt")
+    stages["feature_net_s"] = time.perf_counter() - t
+
+    # 4. students at equal steps
+    metrics: dict[str, dict] = {}
+    runs = {}
+    for name, (kind, opts) in students(p).items():
+        t = time.perf_counter()
+        cfg = TrainConfig(pairs=str(pairs_path), out=str(work / name), model=kind, model_options=opts,
+                          steps=p["steps"], batch_size=p["batch"], lr=p["lr"], warmup=min(200, p["steps"] // 10),
+                          schedule="cosine", loss="pseudo_huber", ema_decay=0.999 if not args.small else 0.9,
+                          ckpt_every=max(500, p["steps"] // 4), holdout=p["holdout"], device=str(device))
+        summary = train(cfg, data=data, max_seconds=60 * p["student_minutes"])
+        runs[name] = cfg
+        model = load_generator(cfg.out, device=device)
+        metrics[name] = dict(evaluate_generator(model, test["noise"], test["image"], real, net),
+                             train_steps=summary["step"], final_loss=summary["final_loss"],
+                             train_s=summary["seconds"])
+        stages[f"{name}_s"] = time.perf_counter() - t
+
+    # GET solved by Anderson to a tolerance instead of 6 plain iterations (same weights)
+    state = load_generator(runs["get"].out, device=device).state_dict()
+    kind, opts = students(p)["get"]
+    for label, over in {"get_anderson_tol1e-3": dict(solver="anderson", tol=1e-3, max_iter=30),
+                        "get_fixed_12": dict(solver="fixed", max_iter=12)}.items():
+        alt = build_model(kind, **dict(opts, **over)).to(device)
+        alt.load_state_dict(state)
+        alt.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonConvergenceWarning)
+            metrics[label] = evaluate_generator(alt, test["noise"], test["image"], real, net)
+
+    # teacher: quality of its own held-out images and its sampling speed (100-step DDIM)
+    with torch.no_grad():
+        xb = test["noise"][:256].to(device)
+        teacher_s, _ = timed(lambda: fn(xb), device, repeats=2)
+    from implicit.get.evaluate import features, frechet_distance, precision_recall
+
+    f_t, f_r = features(net, test["image"]), features(net, real)
+    pt, rt = precision_recall(f_r, f_t)
+    metrics["teacher"] = {"fd_own_vs_data": frechet_distance(f_t, f_r), "precision": pt, "recall": rt,
+                          "samples_per_s": len(xb) / teacher_s, "ddim_steps": p["ddim_steps"]}
+    metrics["feature_net_accuracy"] = acc
+    metrics["stages_s"] = stages
+
+    g, v = metrics["get"], metrics["vit_5x"]
+    speedup = g["samples_per_s"] / metrics["teacher"]["samples_per_s"]
+    targets = {
+        "get_params_over_vit_params": target(g["params"] / v["params"], 0.25, "<="),
+        # "matches or beats": GET's FD-own to the teacher's samples within 10% of the ViT's, or lower
+        "get_fd_own_over_vit_fd_own": target(g["fd_own_vs_teacher"] / v["fd_own_vs_teacher"], 1.1, "<="),
+        "get_mse_over_vit_mse": target(g["mse_to_teacher"] / v["mse_to_teacher"], 1.1, "<="),
+        f"get_speedup_over_{p['ddim_steps']}_step_teacher": target(speedup, 50.0, ">="),
+    }
+    metrics["get_speedup_over_teacher"] = speedup
+    config = {"params": p, "students": {k: dataclasses.asdict(c) for k, c in runs.items()},
+              "teacher": str(teacher), "pairs_recipe": json.loads(data["attrs"]["recipe"]),
+              "fd_own": "Frechet distance in the pooled features of the package's own digit CNN (not FID); "
+                        "vs_teacher uses held-out teacher images, vs_data all 1797 digits"}
+    path = write_results("get_distill", config=config, metrics=metrics, targets=targets, device=device,
+                         wall_clock_s=time.perf_counter() - t0, out_dir=args.out)
+    _plot(path.with_suffix(".png"), test, runs, metrics, device, p["ddim_steps"])
+    print(json.dumps({k: metrics[k] for k in ("get", "vit_5x", "vit_plain", "teacher")}, indent=1, default=float))
+    print(json.dumps(targets, indent=1))
+    return path
+
+
+def _plot(path: Path, test: dict, runs: dict, metrics: dict, device: torch.device, steps: int) -> None:
+    """Sample grids from the same held-out noise: teacher, GET, ViT-5x, plain ViT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noise = test["noise"][:36]
+    panels = {f"teacher ({steps}-step DDIM)": test["image"][:36]}
+    for name, cfg in runs.items():
+        m = metrics[name]
+        title = (f"{name}: {m['params'] / 1e6:.2f}M params\n"
+                 f"FD-own {m['fd_own_vs_teacher']:.2f}, MSE {m['mse_to_teacher']:.3f}")
+        panels[title] = generate(load_generator(cfg.out, device=device), noise)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (title, imgs) in zip(axes, panels.items()):
+        x = ((imgs.float().clamp(-1, 1) + 1) / 2)[:, 0]
+        grid = x.view(6, 6, 32, 32).permute(0, 2, 1, 3).reshape(6 * 32, 6 * 32)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
