@@ -153,9 +153,9 @@ def ddim(
         noise = make_noise(x_T, n_steps, generator)
     step = _stepper(eps, schedule, n_steps, eta, x_T)
     if graph and x_T.is_cuda:
-        runner = _cached(eps, ("graph", id(schedule), n_steps, eta, tuple(x_T.shape), x_T.dtype, x_T.device),
-                         lambda: _GraphSequential(step, x_T, noise is not None and eta > 0))
-        return runner(x_T, noise)
+        from ..solvers.sequential import graphed_rollout
+
+        return graphed_rollout(step, x_T, n_steps, inputs=noise if eta > 0 else None, trajectory=False)
     x = x_T
     steps = range(n_steps)
     if progress:
@@ -167,41 +167,6 @@ def ddim(
         if callback is not None:
             callback(k, x)
     return x
-
-
-class _GraphSequential:
-    """One DDIM step captured as a CUDA graph; a device counter selects the step, replayed K times."""
-
-    def __init__(self, step: DDIMStep, x_T: Tensor, with_noise: bool):
-        self.step, self.K = step, step.n_steps
-        self.x = x_T.detach().clone()
-        self.k = torch.zeros(1, device=x_T.device, dtype=torch.long)
-        self.noise = torch.zeros(x_T.shape[0], self.K, *x_T.shape[1:], device=x_T.device, dtype=x_T.dtype) \
-            if with_noise else None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):  # warm-up: lazy initialisation happens outside the capture
-                self._body()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self._body()
-
-    def _body(self) -> None:
-        kk = self.k.expand(self.x.shape[0])
-        nz = None if self.noise is None else self.noise.index_select(1, self.k).squeeze(1)
-        self.x.copy_(self.step(self.x, kk, nz))
-        self.k.add_(1)
-
-    def __call__(self, x_T: Tensor, noise: Tensor | None) -> Tensor:
-        self.x.copy_(x_T)
-        self.k.zero_()
-        if self.noise is not None:
-            self.noise.copy_(noise)
-        for _ in range(self.K):
-            self.graph.replay()
-        return self.x.clone()
 
 
 def deq_ddim(

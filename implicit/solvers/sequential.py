@@ -20,11 +20,11 @@ _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 class _GraphedStep:
-    def __init__(self, step: Callable[..., Tensor], x0: Tensor, K: int, inputs: Tensor | None):
+    def __init__(self, step: Callable[..., Tensor], x0: Tensor, K: int, inputs: Tensor | None, trajectory: bool):
         B = x0.shape[0]
         self.x = x0.detach().clone()
         self.inputs = None if inputs is None else inputs.detach().clone()
-        self.traj = x0.new_empty(B, K, *x0.shape[1:])
+        self.traj = x0.new_empty(B, K, *x0.shape[1:]) if trajectory else None
         self.k = torch.zeros(1, dtype=torch.long, device=x0.device)
         self.step, self.B = step, B
 
@@ -34,7 +34,8 @@ class _GraphedStep:
                 y = self.step(self.x, kk)
             else:
                 y = self.step(self.x, kk, self.inputs.index_select(1, self.k)[:, 0])
-            self.traj.index_copy_(1, self.k, y[:, None])
+            if self.traj is not None:
+                self.traj.index_copy_(1, self.k, y[:, None])
             self.x.copy_(y)
             self.k.add_(1)
 
@@ -54,12 +55,13 @@ class _GraphedStep:
         self.k.zero_()
         for _ in range(K):
             self.graph.replay()
-        return self.traj.clone()
+        return self.x.clone() if self.traj is None else self.traj.clone()
 
 
 def graphed_rollout(step: Callable[..., Tensor], x0: Tensor, n_steps: int, *, inputs: Tensor | None = None,
-                    graph: bool = True) -> Tensor:
-    """``x_{k+1} = step(x_k, k)`` for ``k < n_steps`` one step at a time; returns ``(B, K, ...)``.
+                    graph: bool = True, trajectory: bool = True) -> Tensor:
+    """``x_{k+1} = step(x_k, k)`` for ``k < n_steps`` one step at a time; returns ``(B, K, ...)``,
+    or only the final state ``(B, ...)`` with ``trajectory=False`` (no trajectory is stored then).
 
     ``step`` is called as in :func:`implicit.solvers.recurrence.solve_recurrence`
     (``step(x, k)`` or ``step(x, k, u)`` with ``k`` a ``(B,)`` long tensor). On CUDA with
@@ -76,14 +78,16 @@ def graphed_rollout(step: Callable[..., Tensor], x0: Tensor, n_steps: int, *, in
     if not (graph and x0.is_cuda):
         from .recurrence import rollout
 
-        return rollout(step, x0, K, inputs=inputs)
+        traj = rollout(step, x0, K, inputs=inputs)
+        return traj if trajectory else traj[:, -1]
     try:
         cache = _CACHE.setdefault(step, {})
     except TypeError:
         raise TypeError("graphed_rollout caches the captured step on step, so step must support weak "
                         f"references (a function or module); got {type(step).__name__}") from None
-    key = (tuple(x0.shape), x0.dtype, x0.device, K, None if inputs is None else (tuple(inputs.shape), inputs.dtype))
+    key = (tuple(x0.shape), x0.dtype, x0.device, K, trajectory,
+           None if inputs is None else (tuple(inputs.shape), inputs.dtype))
     if key not in cache:
-        cache[key] = _GraphedStep(step, x0, K, inputs)
+        cache[key] = _GraphedStep(step, x0, K, inputs, trajectory)
     with torch.no_grad():
         return cache[key].run(x0, inputs, K)
