@@ -186,7 +186,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--method", default="deq", choices=["sequential", "graph", "deq", "window"])
     s.add_argument("--solver", default="anderson", help="deq: anderson or picard")
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--num-samples", "--n", dest="n", type=int, default=16)
     s.add_argument("--tol", type=float, default=1e-4)
     s.add_argument("--window", type=int, default=None)
     s.add_argument("--chunk", type=int, default=None, help="most states per model call")
