@@ -51,6 +51,7 @@ _FLAGS = {
     "--amp": ("amp", str, "mixed precision: none | bf16 | fp16"),
     "--noise-level": ("noise_level", float, "maximum noise variance of the observations (paper: 1e-3)"),
     "--noise-on": ("noise_on", str, "input | target: which field gets the noise"),
+    "--noise-scale": ("noise_scale", float, "multiplies the noise variances (1: the paper's, on the raw field)"),
     "--out": ("out", str, "run folder (default runs/<data>-<model>)"),
 }
 
