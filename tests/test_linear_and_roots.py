@@ -53,6 +53,71 @@ def test_gmres_nonsymmetric_with_restarts():
     assert torch.allclose(result.z, torch.linalg.solve(A, b), atol=1e-8)
 
 
+def low_rank_systems(ranks=(1, 3, 2), n=40, seed=2):
+    """A = I + U V^T with U, V of the given rank per sample: GMRES is exact after rank + 1 steps."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.eye(n, dtype=torch.float64).repeat(len(ranks), 1, 1)
+    for i, r in enumerate(ranks):
+        U = torch.randn(n, r, generator=g, dtype=torch.float64)
+        V = torch.randn(n, r, generator=g, dtype=torch.float64)
+        A[i] += U @ V.T / n
+    return A, torch.randn(len(ranks), n, generator=g, dtype=torch.float64)
+
+
+def counting(A):
+    calls = []
+
+    def op(v):
+        calls.append(v.shape[0])
+        return apply(A)(v)
+
+    return op, calls
+
+
+def test_gmres_batched_nonsymmetric_matches_dense_solve_float32():
+    A, b = spd_batch(batch=4, n=24)
+    A = A + 4 * torch.randn(4, 24, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    result = gmres(apply(A.float()), b.float(), tol=1e-5, restart=8, max_iter=400, check_every=3)
+    assert result.converged.all()
+    exact = torch.linalg.solve(A, b)
+    assert ((result.z.double() - exact).norm(dim=1) / exact.norm(dim=1)).max() < 1e-3
+    assert (result.rel_residual <= 1e-5).all()
+
+
+def test_gmres_stops_inside_a_cycle_once_every_sample_is_within_tolerance():
+    A, b = low_rank_systems()
+    op, calls = counting(A)
+    result = gmres(op, b, tol=1e-10, restart=30, max_iter=300, check_every=1)
+    assert result.converged.all()
+    assert torch.allclose(result.z, torch.linalg.solve(A, b), atol=1e-9)
+    # each sample freezes at its own step (rank + 1); the batch stops at the slowest
+    assert result.n_iter.tolist() == [2, 4, 3]
+    # 4 Arnoldi products + 1 true residual, not a full 30-step cycle
+    assert len(calls) == 5 and result.stats["matvecs"] == 5
+    # checking every 3 steps costs at most 2 more products, still far from a full cycle
+    op, calls = counting(A)
+    coarse = gmres(op, b, tol=1e-10, restart=30, max_iter=300, check_every=3)
+    assert coarse.n_iter.tolist() == [2, 4, 3] and len(calls) <= 7
+    assert torch.allclose(coarse.z, result.z, atol=1e-12)
+
+
+def test_gmres_per_sample_status_and_tolerance():
+    A, b = low_rank_systems(ranks=(1, 6, 2))
+    tol = torch.tensor([1e-10, 1e-10, 1e-30], dtype=torch.float64)  # the last one cannot be met
+    result = gmres(apply(A), b, tol=tol, restart=3, max_iter=9, stop_mode="abs")
+    assert result.status.tolist() == [Status.CONVERGED, Status.MAX_ITER, Status.MAX_ITER]
+    assert result.converged.tolist() == [True, False, False]
+    assert result.n_iter.tolist() == [2, 9, 9]
+    # the first sample stopped changing once it converged
+    assert torch.allclose(result.z[0], torch.linalg.solve(A[0], b[0]), atol=1e-12)
+    b_bad = b.clone()
+    b_bad[1, 0] = float("nan")
+    bad = gmres(apply(A), b_bad, tol=1e-10, restart=5, max_iter=20)
+    assert bad.status.tolist() == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    with pytest.raises(ValueError, match="tol"):
+        gmres(apply(A), b, tol=torch.tensor([1e-3, -1.0, 1e-3], dtype=torch.float64))
+
+
 def test_newton_krylov_nonlinear_root():
     """Elementwise cubic coupled by a linear term: F(z) = z^3 + z + 0.1 L z - c."""
     n = 25
