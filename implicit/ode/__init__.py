@@ -9,9 +9,9 @@ from .solve import (
     sdeint_parallel,
     sdeint_sequential,
 )
-from .steppers import STEPPERS
+from .steppers import SDE_STEPPERS, STEPPERS
 
 __all__ = [
-    "NeuralODE", "NeuralSDE", "STEPPERS", "brownian_increments", "check_finite", "odeint_parallel",
+    "NeuralODE", "NeuralSDE", "SDE_STEPPERS", "STEPPERS", "brownian_increments", "check_finite", "odeint_parallel",
     "odeint_sequential", "sdeint_parallel", "sdeint_sequential",
 ]

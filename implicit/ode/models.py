@@ -65,16 +65,19 @@ class NeuralODE(nn.Module):
 
 
 class NeuralSDE(nn.Module):
-    """Ito SDE ``dy = drift(t, y) dt + diffusion(t, y) dW`` (diagonal noise), Euler-Maruyama.
+    """SDE ``dy = drift(t, y) dt + diffusion(t, y) dW`` (diagonal noise) on a fixed grid.
 
-    ``forward(y0, t, bm)`` takes a torchsde ``BrownianInterval`` (or any ``bm(t0, t1)``) so the
-    sequential (torchsde) and parallel paths integrate the same Brownian path.
+    ``method``: ``"euler"`` (Euler-Maruyama, Ito), ``"milstein"`` or ``"milstein_grad_free"``
+    (torchsde's Milstein with and without autograd); ``sde_type`` ``"ito"`` or ``"stratonovich"``
+    (Milstein only). ``forward(y0, t, bm)`` takes a torchsde ``BrownianInterval`` (or any
+    ``bm(t0, t1)``) so the sequential (torchsde) and parallel paths integrate the same Brownian path.
     """
 
-    def __init__(self, drift: nn.Module, diffusion: nn.Module, *, solver: str = "newton", tol: float = 1e-7,
-                 solver_options: dict | None = None):
+    def __init__(self, drift: nn.Module, diffusion: nn.Module, *, method: str = "euler", sde_type: str = "ito",
+                 solver: str = "newton", tol: float = 1e-7, solver_options: dict | None = None):
         super().__init__()
         self.drift, self.diffusion, self.solver, self.tol = drift, diffusion, solver, tol
+        self.method, self.sde_type = method, sde_type
         self.solver_options = dict(solver_options or {})
         self.last_result = None
 
@@ -84,9 +87,11 @@ class NeuralSDE(nn.Module):
             from .solve import _check_grid, brownian_increments
 
             dW = brownian_increments(bm, _check_grid(y0, t))
-            ys, self.last_result = sdeint_parallel(self.drift, self.diffusion, y0, t, dW, solver=self.solver,
-                                                   tol=self.tol, **self.solver_options)
+            ys, self.last_result = sdeint_parallel(self.drift, self.diffusion, y0, t, dW, method=self.method,
+                                                   sde_type=self.sde_type, solver=self.solver, tol=self.tol,
+                                                   **self.solver_options)
             return ys
         if mode == "graph":
             raise ValueError('mode="graph" is not available for SDEs; use "sequential" or "parallel"')
-        return sdeint_sequential(self.drift, self.diffusion, y0, t, bm, adjoint=adjoint)
+        return sdeint_sequential(self.drift, self.diffusion, y0, t, bm, method=self.method, sde_type=self.sde_type,
+                                 adjoint=adjoint)

@@ -1,7 +1,7 @@
 """Fixed-grid ODE and SDE trajectories, sequentially or in parallel in time.
 
 A fixed-grid trajectory is the recurrence ``y_{k+1} = y_k + increment(t_k, dt_k, y_k)``
-(plus ``g(t_k, y_k) dW_k`` for an Ito SDE with a fixed Brownian path), so it is one
+(plus ``g(t_k, y_k) dW_k`` and, for Milstein, its ``g g'`` term, for an SDE with a fixed Brownian path), so it is one
 fixed point over all steps, handed unchanged to the backend's recurrence solver
 (:func:`implicit.solvers.recurrence.solve_recurrence`): Newton with a parallel-scan
 linear solve (DEER), Anderson, Picard or ParaDiGMS-style windows. The sequential
@@ -22,7 +22,7 @@ from torch import Tensor
 from ..solvers import NonFiniteError, SolverResult, Status
 from ..solvers.recurrence import solve_recurrence
 from ..solvers.sequential import graphed_rollout
-from .steppers import get_stepper
+from .steppers import get_sde_stepper, get_stepper
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,14 +30,19 @@ Field = Callable[[Tensor, Tensor], Tensor]
 class GridStep:
     """``step(y, k)``: one fixed-grid step of ``func`` from ``t[k]`` to ``t[k+1]`` for rows ``y``.
 
-    With a ``diffusion`` it is an Euler-Maruyama step ``y + f dt + g dW`` taking the
-    Brownian increments ``dW`` as its third argument. The grid lives in a buffer
-    that :func:`_grid_step` refreshes in place, so a cached CUDA graph stays valid.
+    With a ``diffusion`` it is an SDE step (``method`` ``euler``: Euler-Maruyama ``y + f dt + g dW``,
+    or ``milstein`` / ``milstein_grad_free``) taking the Brownian increments ``dW`` as its third
+    argument. The grid lives in a buffer that :func:`_grid_step` refreshes in place, so a cached
+    CUDA graph stays valid.
     """
 
-    def __init__(self, func: Field, t: Tensor, method: str, diffusion: Field | None = None):
+    def __init__(self, func: Field, t: Tensor, method: str, diffusion: Field | None = None,
+                 sde_type: str = "ito"):
         self.func, self.diffusion, self.method = func, diffusion, method
-        self.increment = get_stepper(method)
+        if diffusion is None:
+            self.increment = get_stepper(method)
+        else:
+            self.sde_increment = get_sde_stepper(method, sde_type)
         self.t = t.clone()
 
     def __call__(self, y: Tensor, k: Tensor, dW: Tensor | None = None) -> Tensor:
@@ -45,21 +50,21 @@ class GridStep:
         dt = self.t[k + 1] - t0
         if self.diffusion is None:
             return self.increment(self.func, t0, dt, y)
-        shape = (-1, *([1] * (y.dim() - 1)))
-        return y + self.func(t0, y) * dt.reshape(shape) + self.diffusion(t0, y) * dW
+        return self.sde_increment(self.func, self.diffusion, t0, dt, y, dW)
 
 
 _STEPS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _grid_step(func: Field, t: Tensor, method: str, diffusion: Field | None, persistent: bool) -> GridStep:
+def _grid_step(func: Field, t: Tensor, method: str, diffusion: Field | None, persistent: bool,
+               sde_type: str = "ito") -> GridStep:
     """A step for ``func`` on grid ``t``; the same object across calls when ``persistent`` (graphs)."""
     if not persistent:
-        return GridStep(func, t, method, diffusion)
-    key = (method, diffusion, tuple(t.shape), t.dtype, t.device)
+        return GridStep(func, t, method, diffusion, sde_type)
+    key = (method, diffusion, sde_type, tuple(t.shape), t.dtype, t.device)
     cache = _STEPS.setdefault(func, {})
     if key not in cache:
-        cache[key] = GridStep(func, t, method, diffusion)
+        cache[key] = GridStep(func, t, method, diffusion, sde_type)
     step = cache[key]
     step.t.copy_(t)
     return step
@@ -132,19 +137,29 @@ def odeint_parallel(func: Field, y0: Tensor, t: Tensor, *, method: str = "rk4", 
 
 
 def sdeint_parallel(drift: Field, diffusion: Field, y0: Tensor, t: Tensor, dW: Tensor, *,
-                    solver: str = "newton", tol: float = 1e-7, graph: bool = False,
-                    **options: Any) -> tuple[Tensor, SolverResult]:
-    """Euler-Maruyama for the Ito SDE ``dy = f dt + g dW`` (diagonal noise) with all steps in parallel.
+                    method: str = "euler", sde_type: str = "ito", solver: str = "newton", tol: float = 1e-7,
+                    graph: bool = False, **options: Any) -> tuple[Tensor, SolverResult]:
+    """Solve the SDE ``dy = f dt + g dW`` (diagonal noise) on the fixed grid ``t`` with all steps in parallel.
 
-    ``dW`` is ``(B, K, ...)``: the Brownian increments over each grid interval, e.g.
-    :func:`brownian_increments` of a torchsde ``BrownianInterval``, so the result equals
-    ``torchsde.sdeint(..., method="euler")`` driven by the same path.
+    Args:
+        drift, diffusion: ``f(t, y)`` and ``g(t, y)``, both ``(N, ...)`` like ``y`` (diagonal noise).
+        y0: ``(B, ...)`` initial states. t: ``(T,)`` grid.
+        dW: ``(B, K, ...)``: the Brownian increments over each grid interval, e.g.
+            :func:`brownian_increments` of a torchsde ``BrownianInterval``, so the result equals
+            ``torchsde.sdeint(..., method=method)`` driven by the same path.
+        method: ``"euler"`` (Euler-Maruyama, Ito), ``"milstein"`` (torchsde's default Milstein,
+            derivative by autograd) or ``"milstein_grad_free"`` (torchsde's ``grad_free=True``).
+        sde_type: ``"ito"`` or ``"stratonovich"`` (Milstein only).
+        solver, tol, graph, options: as in :func:`odeint_parallel`.
+
+    Returns:
+        ``(ys, result)``: the trajectory ``(T, B, ...)`` and the solver result.
     """
     t = _check_grid(y0, t)
     K = t.numel() - 1
     if tuple(dW.shape) != (y0.shape[0], K, *y0.shape[1:]):
         raise ValueError(f"dW must have shape (B, K, ...) = {(y0.shape[0], K, *y0.shape[1:])}, got {tuple(dW.shape)}")
-    step = _grid_step(drift, t, "euler", diffusion, graph)
+    step = _grid_step(drift, t, method, diffusion, graph, sde_type)
     return _parallel(step, y0, t, dW, solver, tol, dict(options, graph=graph))
 
 
@@ -176,11 +191,11 @@ def odeint_sequential(func: Field, y0: Tensor, t: Tensor, *, method: str = "rk4"
 
 
 class _TorchsdeAdapter(torch.nn.Module):
-    noise_type, sde_type = "diagonal", "ito"
+    noise_type = "diagonal"
 
-    def __init__(self, drift: Field, diffusion: Field):
+    def __init__(self, drift: Field, diffusion: Field, sde_type: str = "ito"):
         super().__init__()
-        self.drift, self.diffusion = drift, diffusion
+        self.drift, self.diffusion, self.sde_type = drift, diffusion, sde_type
 
     def f(self, t, y):
         return self.drift(t, y)
@@ -189,15 +204,43 @@ class _TorchsdeAdapter(torch.nn.Module):
         return self.diffusion(t, y)
 
 
-def sdeint_sequential(drift: Field, diffusion: Field, y0: Tensor, t: Tensor, bm: Any, *,
-                      adjoint: bool = False) -> Tensor:
-    """torchsde's Euler-Maruyama on grid ``t`` driven by ``bm`` (a ``BrownianInterval``). ``(T, B, d)``."""
+def sdeint_sequential(drift: Field, diffusion: Field, y0: Tensor, t: Tensor, bm: Any, *, method: str = "euler",
+                      sde_type: str = "ito", adjoint: bool = False) -> Tensor:
+    """torchsde's fixed-step ``sdeint`` on grid ``t`` driven by ``bm`` (a ``BrownianInterval``). ``(T, B, d)``.
+
+    ``method``: ``"euler"``, ``"milstein"`` or ``"milstein_grad_free"`` (torchsde's ``milstein`` with
+    ``options={"grad_free": True}``), the same steps :func:`sdeint_parallel` takes.
+    """
     import torchsde
 
     t = _check_grid(y0, t)
-    dt = float((t[1:] - t[:-1]).abs().min())
-    sde = _TorchsdeAdapter(drift, diffusion)
+    get_sde_stepper(method, sde_type)  # validates the pair
+    sde = _TorchsdeAdapter(drift, diffusion, sde_type)
     integrate = torchsde.sdeint_adjoint if adjoint else torchsde.sdeint
-    ys = integrate(sde, y0, t, bm=bm, method="euler", dt=dt)
+    options = {"grad_free": True} if method == "milstein_grad_free" else None
+    name = "milstein" if method.startswith("milstein") else method
+    dt = float((t[1:] - t[:-1]).abs().min())
+    if _steps_on_grid(t.tolist(), dt):
+        ys = integrate(sde, y0, t, bm=bm, method=name, dt=dt, options=options)
+    else:
+        # torchsde steps t + dt + dt + ...; off the grid by rounding, its Brownian queries would differ
+        # from ``bm(t_k, t_{k+1})`` by bridge samples of size sqrt(rounding). One call per interval
+        # (with a step a hair longer than the interval, clamped to its end) keeps every step on the grid.
+        ys, y = [y0], y0
+        for k in range(t.numel() - 1):
+            h = float(t[k + 1] - t[k]) * (1 + 1e-12)
+            y = integrate(sde, y, t[k:k + 2], bm=bm, method=name, dt=h, options=options)[-1]
+            ys.append(y)
+        ys = torch.stack(ys)
     check_finite(ys, t)
     return ys
+
+
+def _steps_on_grid(t: list[float], dt: float) -> bool:
+    """Whether torchsde's fixed-step loop (``next = min(cur + dt, t[-1])``) visits exactly the times ``t``."""
+    cur = t[0]
+    for out in t[1:]:
+        cur = min(cur + dt, t[-1])
+        if cur != out:
+            return False
+    return True
