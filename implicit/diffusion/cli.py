@@ -44,8 +44,8 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 def _train(a) -> None:
     from .train import TrainConfig, train_teacher
 
-    cfg = TrainConfig(data=a.data, size=a.size, sample_size=a.sample_size, steps=a.steps, batch=a.batch, lr=a.lr,
-                      seed=a.seed, save_every=a.save_every)
+    cfg = TrainConfig(data=a.data, size=a.size, sample_size=a.sample_size, channels=a.channels, steps=a.steps,
+                      batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every)
     folder = train_teacher(a.out, cfg, device=_device(a.device))
     print(f"teacher saved to {folder} (load with diffusers.DDIMPipeline.from_pretrained or implicit.diffusion.load_local)")
 
@@ -173,6 +173,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--data", default="digits", help='"digits" or a pde HDF5 file (solution/vorticity)')
     t.add_argument("--size", default="small", help="tiny, small or cifar")
     t.add_argument("--sample-size", type=int, default=32)
+    t.add_argument("--channels", type=int, default=1, help="image channels (grey-scale data repeated)")
     t.add_argument("--steps", type=int, default=4000)
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-4)

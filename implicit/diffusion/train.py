@@ -47,8 +47,13 @@ def make_unet(size: str = "small", sample_size: int = 32, channels: int = 1):
                        up_block_types=tuple(up), norm_num_groups=groups)
 
 
-def load_images(data: str = "digits", size: int = 32) -> torch.Tensor:
-    """Training images (N, 1, size, size) in [-1, 1]: ``"digits"`` or a ``pde`` HDF5 file path."""
+def load_images(data: str = "digits", size: int = 32, channels: int = 1) -> torch.Tensor:
+    """Training images (N, channels, size, size) in [-1, 1]: ``"digits"`` or a ``pde`` HDF5 file path.
+
+    The sources are grey-scale; ``channels > 1`` repeats them (e.g. a 3-channel CIFAR-size UNet).
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
     if data == "digits":
         from sklearn.datasets import load_digits
 
@@ -69,7 +74,7 @@ def load_images(data: str = "digits", size: int = 32) -> torch.Tensor:
         hi = x.amax(dim=(2, 3), keepdim=True)
         x = (x - lo) / (hi - lo).clamp_min(1e-12)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (2 * x - 1).clamp(-1, 1)
+    return (2 * x - 1).clamp(-1, 1).repeat(1, channels, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class TrainConfig:
     data: str = "digits"
     size: str = "small"
     sample_size: int = 32
+    channels: int = 1
     steps: int = 4000
     batch: int = 64
     lr: float = 2e-4
@@ -103,7 +109,7 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(config.seed)
-    images = load_images(config.data, config.sample_size)
+    images = load_images(config.data, config.sample_size, config.channels)
     unet = make_unet(config.size, config.sample_size, images.shape[1]).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr)
     start = 0
