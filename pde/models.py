@@ -1,21 +1,27 @@
 """Neural operators for steady-state PDEs: FNO, FNO++, IFNO and FNO-DEQ.
 
-All four are assembled from neuraloperator's layers (``FNOBlocks`` with spectral
-convolutions, channel MLPs and instance norm; ``ChannelMLP`` lifting/projection;
-``GridEmbeddingND``), following the FNO-DEQ paper (Marwah et al., 2023,
-arXiv 2312.00234) and its released code:
+All four are assembled from neuraloperator's layers (``SpectralConv``, ``ChannelMLP``,
+``GridEmbeddingND``; neuraloperator's ``FNO`` itself for the plain baseline), following the FNO-DEQ
+paper (Marwah et al., 2023, arXiv 2312.00234) and its released code (risteskilab/deq-neural-operators):
 
 - ``fno``: neuraloperator's ``FNO`` with ``3 * depth + 1`` Fourier layers (depth 1, 2, 4, 8
   give about 2.6M, 4.5M, 8.3M, 16M parameters at width 32 and 12 modes; the paper's 2.4M,
   4.2M, 7.7M, 14.8M).
 - ``fno++``: ``depth`` untied blocks of three Fourier layers, each layer with the lifted input
-  injected (``z <- act(layer(z) + inj)``), then one output Fourier layer.
+  injected, then one output Fourier layer (the paper's ``FNO2dDeep``).
 - ``ifno``: one such block with tied weights applied ``iterations`` times from zero, trained by
   backprop through every application (the paper's FNO-WT).
 - ``fno-deq``: the tied block as ``f(z, inj)``; its fixed point ``z* = f(z*, inj)`` is found by
   the package's solvers through :class:`implicit.deq.DEQ` and differentiated implicitly
   (``ift``), or by phantom gradients / JFB. The first ``pretrain_steps`` training steps run
   ``pretrain_iter`` plain unrolled iterations instead (the paper's warm-up).
+
+The injected block is the paper's ``BasicBlock``: ``z <- gelu(mlp(K z) + W z + inj)`` per layer, with
+instance norms at the paper's places when ``norm="instance_norm"`` (the paper: on for Navier-Stokes,
+off for Darcy), and spectral weights initialised at the FNO reference scale
+(``spectral_init="fno"``). Without a norm this block starts as a contraction; neuraloperator's
+``FNOBlocks`` (identity-gated skip around the channel MLP, larger spectral init) did not, which is
+why the earlier FNO-DEQ needed instance norm and still did not converge.
 
 ``modes`` follows the FNO papers' convention (modes kept per direction and sign, 12 in the
 paper); neuraloperator's ``n_modes`` is ``2 * modes``. Models are built with keyword
@@ -41,6 +47,7 @@ __all__ = [
 
 MODELS: dict[str, type["NeuralOperator"]] = {}
 NORMS = ("instance_norm", "group_norm", None)
+SPECTRAL_INITS = ("fno", "neuralop")
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -125,43 +132,84 @@ def _spectral_conv_fp32():
     return SpectralConvFP32
 
 
-def _blocks(width: int, modes: int, n_layers: int, norm: str | None):
-    """``n_layers`` Fourier layers (spectral conv + linear skip, channel MLP, optional norm), no activation."""
-    from neuralop.layers.fno_block import FNOBlocks
-
-    return FNOBlocks(
-        width, width, (2 * modes, 2 * modes), n_layers=n_layers, use_channel_mlp=True,
-        channel_mlp_expansion=0.5, norm=norm, fno_skip="linear", channel_mlp_skip="soft-gating",
-        non_linearity=_identity, conv_module=_spectral_conv_fp32(),
-    )
+def _paper_spectral_init(conv: nn.Module) -> None:
+    """The FNO reference code's (and the FNO-DEQ paper's) spectral weights: real and imaginary parts
+    ``U(0, 1) / (in_channels * out_channels)``, about 300x smaller than neuraloperator's default
+    (std ``sqrt(2 / (in + out))``). With it the injected block starts close to a contraction (its
+    spectral part nearly off); with neuraloperator's scale the un-normalised block expands."""
+    w = conv.weight.tensor if hasattr(conv.weight, "tensor") else conv.weight
+    scale = 1.0 / (conv.in_channels * conv.out_channels)
+    with torch.no_grad():
+        w.copy_(torch.complex(torch.rand(w.shape), torch.rand(w.shape)).to(w) * scale)
 
 
 class InjectedBlock(nn.Module):
-    """Three Fourier layers with the injected input added before each activation:
-    ``z <- gelu(layer_i(z) + inj)``. The map ``f(z, inj)`` whose fixed point FNO-DEQ finds."""
+    """The FNO-DEQ paper's block (its ``BasicBlock``), built from neuraloperator's layers: per layer
 
-    def __init__(self, width: int, modes: int, layers: int = 3, norm: str | None = "instance_norm"):
+        z <- gelu(mlp_i(K_i z) + W_i z + inj)
+
+    with ``K_i`` a spectral convolution, ``mlp_i`` a channel MLP (width -> width -> width, GELU),
+    ``W_i`` a pointwise linear map. ``norm="instance_norm"`` puts instance norms where the paper's
+    ``normalize=True`` does (on the incoming state, after ``K_i``, after ``mlp_i``, after ``W_i``); the
+    paper turns it on for Navier-Stokes and leaves it off on Darcy. The map ``f(z, inj)`` whose fixed
+    point FNO-DEQ finds."""
+
+    def __init__(self, width: int, modes: int, layers: int = 3, norm: str | None = None,
+                 spectral_init: str = "fno"):
         super().__init__()
+        from neuralop.layers.channel_mlp import ChannelMLP
+
+        if spectral_init not in SPECTRAL_INITS:
+            raise ValueError(f"spectral_init must be one of {SPECTRAL_INITS}, got {spectral_init!r}")
+        conv = _spectral_conv_fp32()
         self.layers = layers
-        self.fno = _blocks(width, modes, layers, norm)
+        self.convs = nn.ModuleList([conv(width, width, (2 * modes, 2 * modes)) for _ in range(layers)])
+        self.mlps = nn.ModuleList([ChannelMLP(width, width, hidden_channels=width, n_layers=2)
+                                   for _ in range(layers)])
+        self.skips = nn.ModuleList([nn.Conv2d(width, width, 1) for _ in range(layers)])
+        if spectral_init == "fno":
+            for c in self.convs:
+                _paper_spectral_init(c)
+        if norm == "instance_norm":
+            self.norm: nn.Module | None = nn.InstanceNorm2d(width)
+        elif norm == "group_norm":
+            self.norm = nn.GroupNorm(1, width)
+        else:
+            self.norm = None
 
     #: ``(device_type, dtype)`` to compute in under autocast while the solver itself runs without it
     autocast: tuple[str, torch.dtype] | None = None
+
+    def _n(self, v: Tensor) -> Tensor:
+        return self.norm(v) if self.norm is not None else v
 
     def forward(self, z: Tensor, inj: Tensor) -> Tensor:
         dtype = z.dtype
         with torch.autocast(self.autocast[0], dtype=self.autocast[1], enabled=self.autocast is not None) \
                 if self.autocast is not None else _null():
+            z = self._n(z)
             for i in range(self.layers):
-                z = F.gelu(self.fno(z, i) + inj)
+                x1 = self._n(self.mlps[i](self._n(self.convs[i](z))))
+                x2 = self._n(self.skips[i](z))
+                z = F.gelu(x1 + x2 + inj)
         return z.to(dtype)  # under autocast the solver's state stays in its own precision
+
+
+class OutputLayer(InjectedBlock):
+    """The paper's output Fourier layer: ``mlp(K z) + W z``, no injection, no activation."""
+
+    def __init__(self, width: int, modes: int, norm: str | None = None, spectral_init: str = "fno"):
+        super().__init__(width, modes, 1, norm, spectral_init)
+
+    def forward(self, z: Tensor) -> Tensor:  # type: ignore[override]
+        return self._n(self.mlps[0](self._n(self.convs[0](z)))) + self._n(self.skips[0](z))
 
 
 class _InjectedOperator(NeuralOperator):
     """Shared stem, output layer and projection of FNO++, IFNO and FNO-DEQ."""
 
     def _build(self, in_channels: int, out_channels: int, width: int, modes: int, padding: float,
-               layers_per_block: int, norm: str | None) -> None:
+               layers_per_block: int, norm: str | None, spectral_init: str = "fno") -> None:
         _check_common(in_channels, out_channels, width, modes, padding)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -169,7 +217,7 @@ class _InjectedOperator(NeuralOperator):
 
         self.in_channels, self.out_channels, self.width = in_channels, out_channels, width
         self.stem = _Stem(in_channels, width, padding)
-        self.head = _blocks(width, modes, 1, norm)
+        self.head = OutputLayer(width, modes, norm, spectral_init)
         self.project = ChannelMLP(width, out_channels, hidden_channels=4 * width, n_layers=2)
         self.layers_per_block = layers_per_block
 
@@ -191,12 +239,13 @@ class FNOPlusPlus(_InjectedOperator, name="fno++"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  depth: int = 1, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm"):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno"):
         super().__init__()
         if int(depth) != depth or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm)
-        self.blocks = nn.ModuleList([InjectedBlock(width, modes, layers_per_block, norm) for _ in range(depth)])
+        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init)
+        self.blocks = nn.ModuleList([InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
+                                     for _ in range(depth)])
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
         z = torch.zeros_like(inj) if z0 is None else z0
@@ -210,13 +259,13 @@ class IFNO(_InjectedOperator, name="ifno"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  iterations: int = 8, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm"):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno"):
         super().__init__()
         if int(iterations) != iterations or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm)
+        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init)
         self.iterations = iterations
-        self.block = InjectedBlock(width, modes, layers_per_block, norm)
+        self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
         z = torch.zeros_like(inj) if z0 is None else z0
@@ -239,17 +288,17 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  padding: float = 0.1, layers_per_block: int = 3, norm: str | None = "instance_norm",
-                 solver: str = "anderson",
+                 spectral_init: str = "fno", solver: str = "anderson",
                  tol: float = 1e-6, max_iter: int = 32, eval_max_iter: int | None = None,
                  solver_options: dict | None = None, backward: str = "ift",
                  backward_options: dict | None = None, pretrain_steps: int = 0, pretrain_iter: int = 8):
         super().__init__()
         from implicit.deq import DEQ
 
-        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm)
+        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init)
         if pretrain_steps < 0 or pretrain_iter < 1:
             raise ValueError(f"pretrain_steps must be >= 0 and pretrain_iter >= 1, got {pretrain_steps}, {pretrain_iter}")
-        self.block = InjectedBlock(width, modes, layers_per_block, norm)
+        self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
         opts = {"m": 5} if solver == "anderson" else {}
         opts.update(solver_options or {})
         bopts = dict(backward_options or {})
@@ -297,7 +346,8 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
         self.last_stats = {
             "mode": "deq",
             "n_iter": float(result.n_iter.float().mean()),
-            "residual": float(result.residual.float().mean()),
+            "residual": float(result.residual.float().mean()),  # absolute ||f(z) - z||, grows with the grid
+            "rel_residual": float(result.rel_residual.float().mean()),  # ||f(z) - z|| / ||f(z)||
             "converged": float(result.converged.float().mean()),
         }
         return z
@@ -308,9 +358,11 @@ class FNO(NeuralOperator, name="fno"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  depth: int = 1, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm"):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno"):
         super().__init__()
         _check_common(in_channels, out_channels, width, modes, padding)
+        if spectral_init not in SPECTRAL_INITS:
+            raise ValueError(f"spectral_init must be one of {SPECTRAL_INITS}, got {spectral_init!r}")
         if int(depth) != depth or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
         from neuralop.models import FNO as _FNO
@@ -320,6 +372,9 @@ class FNO(NeuralOperator, name="fno"):
                         hidden_channels=width, n_layers=layers_per_block * depth + 1, norm=norm,
                         use_channel_mlp=True, positional_embedding="grid", conv_module=_spectral_conv_fp32(),
                         domain_padding=padding if padding > 0 else None)
+        if spectral_init == "fno":
+            for conv in self.net.fno_blocks.convs:
+                _paper_spectral_init(conv)
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         return self.net(x)

@@ -70,7 +70,7 @@ class TrainConfig:
     depth: int = 1  # fno, fno++: blocks of 3 Fourier layers
     iterations: int = 8  # ifno: applications of the tied block
     padding: float = 0.1
-    norm: str = "instance_norm"  # instance_norm | group_norm | none
+    norm: str = "none"  # none (paper, Darcy) | instance_norm (paper, Navier-Stokes) | group_norm
     solver: str = "anderson"
     tol: float = 1e-6
     max_iter: int = 32
@@ -364,7 +364,7 @@ def _predict(op: Operator, x_raw: Tensor, device: torch.device, batch_size: int,
     saved = net.deq.eval_max_iter if override else None
     if override:
         net.deq.eval_max_iter = max_iter
-    preds, iters, res, conv = [], [], [], []
+    preds, iters, res, rel, conv = [], [], [], [], []
     try:
         for i in range(0, x_raw.shape[0], batch_size):
             xb = op.x_normalizer.encode(x_raw[i:i + batch_size].to(device))
@@ -375,13 +375,15 @@ def _predict(op: Operator, x_raw: Tensor, device: torch.device, batch_size: int,
             if hasattr(net, "deq") and r is not None:
                 iters.append(r.n_iter.cpu())
                 res.append(r.residual.float().cpu())
+                rel.append(r.rel_residual.float().cpu())
                 conv.append(r.converged.cpu())
     finally:
         if override:
             net.deq.eval_max_iter = saved
     stats = {}
     if iters:
-        stats = {"n_iter": torch.cat(iters), "residual": torch.cat(res), "converged": torch.cat(conv)}
+        stats = {"n_iter": torch.cat(iters), "residual": torch.cat(res), "rel_residual": torch.cat(rel),
+                 "converged": torch.cat(conv)}
     return torch.cat(preds), stats
 
 
@@ -543,7 +545,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 record["test_rel_l2"] = float(relative_l2(pred, test_ds.y).mean())
             if stats:
                 record["test_solver_iters"] = float(stats["n_iter"].float().mean())
-                record["test_solver_residual"] = float(stats["residual"].mean())
+                record["test_solver_residual"] = float(stats["residual"].mean())  # absolute
+                record["test_solver_rel_residual"] = float(stats["rel_residual"].mean())
             history.append(record)
             _save_atomic({
                 "model": op.state_dict(), "model_config": op.net.config(), "train_config": dataclasses.asdict(cfg),
@@ -556,7 +559,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 msg += f"test rel L2 {record['test_rel_l2']:.4f}  "
             msg += f"{epoch_time:.1f} s"
             if stats:
-                msg += f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e}"
+                msg += (f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e} "
+                        f"(rel {record['test_solver_rel_residual']:.2e})")
             (bar.write(msg) if bar is not None else say(msg))
         else:
             history.append(record)
@@ -618,6 +622,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     if stats:
         out["solver"] = {"n_iter_mean": float(stats["n_iter"].float().mean()),
                          "residual_mean": float(stats["residual"].mean()),
+                         "rel_residual_mean": float(stats["rel_residual"].mean()),
                          "converged_fraction": float(stats["converged"].float().mean()),
                          "n_iter": stats["n_iter"].tolist(), "residual": stats["residual"].tolist()}
     return out

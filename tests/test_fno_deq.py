@@ -124,3 +124,25 @@ def test_bad_names_and_values():
     with pytest.raises(TypeError, match="keyword"):
         FNODEQ(1)
     assert set(available_models()) >= {"fno", "fno++", "ifno", "fno-deq"}
+
+
+def test_paper_block_without_norm_starts_as_a_contraction():
+    # the paper's Darcy block (no norm, FNO-reference spectral init) at the paper's width: Anderson from
+    # zero reaches a small relative residual in the paper's 32 iterations. neuraloperator's FNOBlocks
+    # (soft-gated identity skip around the channel MLP) did not: relative residual ~0.3 after 32.
+    torch.manual_seed(0)
+    m = build_model("fno-deq", width=32, modes=4, norm=None, max_iter=32, eval_max_iter=32, tol=1e-7).eval()
+    with torch.no_grad():
+        m(torch.randn(4, 1, 17, 17))
+    assert m.last_stats["rel_residual"] < 1e-4
+
+
+def test_instance_norm_block_places_norms_like_the_paper():
+    from pde.models import InjectedBlock
+
+    b = InjectedBlock(8, 3, 3, "instance_norm").eval()
+    z, inj = torch.randn(2, 8, 12, 12), torch.randn(2, 8, 12, 12)
+    # the incoming state is normalised first: f(c z) = f(z) for any scale c > 0 (the paper's normalize=True)
+    assert torch.allclose(b(3.0 * z, inj), b(z, inj), atol=1e-5)
+    plain = InjectedBlock(8, 3, 3, None).eval()
+    assert not torch.allclose(plain(3.0 * z, inj), plain(z, inj))
