@@ -150,3 +150,28 @@ def test_linear_solvers_reject_mismatched_x0(solver):
     A, b = spd_batch()
     with pytest.raises(ValueError, match="x0"):
         solver(apply(A), b, x0=torch.zeros(3, 5, dtype=torch.float64))
+
+
+def test_newton_krylov_eisenstat_walker_and_measure():
+    n = 25
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(n, n, generator=g, dtype=torch.float64) / n
+    c = 3 * torch.randn(4, n, generator=g, dtype=torch.float64)
+
+    def F(z):
+        return z**3 + z + 0.1 * z @ L.T - c
+
+    z0 = torch.zeros_like(c)
+    const = newton_krylov(F, z0, tol=1e-10, krylov_dim=n, forcing=1e-6)
+    ew = newton_krylov(F, z0, tol=1e-10, krylov_dim=n, forcing=1e-6, forcing_mode="eisenstat-walker")
+    assert const.converged.all() and ew.converged.all()
+    assert torch.allclose(ew.z, const.z, atol=1e-8)
+    assert ew.stats["krylov_iters"].sum() < const.stats["krylov_iters"].sum()
+    # a caller's measure decides convergence: the max-norm of F, judged in absolute terms
+    jac = lambda z: lambda v: 3 * z**2 * v + v + 0.1 * v @ L.T  # noqa: E731
+    meas = newton_krylov(F, z0, tol=1e-9, stop_mode="abs", krylov_dim=n, linearize=jac,
+                         measure=lambda z, Fz: Fz.abs().amax(dim=1))
+    assert meas.converged.all() and (F(meas.z).abs().amax(dim=1) <= 1e-9).all()
+    assert torch.allclose(meas.residual, F(meas.z).abs().amax(dim=1))
+    with pytest.raises(ValueError, match="forcing_mode"):
+        newton_krylov(F, z0, forcing_mode="fast")
