@@ -40,6 +40,20 @@ except ImportError:  # pragma: no cover - older checkouts
 NAME = "pde_datagen"
 
 
+class OutOfBudget(Exception):
+    """Raised from a chunk callback once the run's time budget is spent (the file stays resumable)."""
+
+
+class Budget:
+    """Wall-clock budget of the whole run (``None``: unlimited)."""
+
+    def __init__(self, seconds: float | None):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - (time.perf_counter() - self.t0)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -141,10 +155,18 @@ def bench_ns(cfg: dict, device: torch.device) -> dict:
     return out
 
 
-def compare_time_stepping(cfg: dict, device: torch.device) -> dict:
+def compare_time_stepping(cfg: dict, device: torch.device, budget: Budget | None = None) -> dict:
     """Newton-Krylov vs time stepping to the same residual on the same forcings."""
     out = {}
-    for nu in cfg["viscosities"]:
+    budget = budget or Budget(None)
+    for i, nu in enumerate(cfg["viscosities"]):
+        # leave each remaining viscosity its share of the budget (time stepping is capped by it)
+        share = budget.left() / (len(cfg["viscosities"]) - i)
+        if share < 5.0:
+            out[f"nu{nu:g}"] = {"viscosity": nu, "skipped": "out of time budget"}
+            continue
+        ts_cap = min(cfg["ts_max_seconds"], 0.8 * share)
+        ts_deadline = time.perf_counter() + ts_cap  # shared by the CFL retries
         n, B = cfg["compare_resolution"], cfg["compare_batch"]
         p = ns_params(nu, n)
         dtype = getattr(torch, p["dtype"])
@@ -165,13 +187,13 @@ def compare_time_stepping(cfg: dict, device: torch.device) -> dict:
         for cfl in (cfg["cfl"], cfg["cfl"] / 2, cfg["cfl"] / 4):  # the largest advective CFL number that is stable
             dt = cfl / n / umax
             (wt, rel_t, steps), t_ts = timed(lambda: ns.integrate_to_steady(
-                f, nu, dt, tol=tol, max_seconds=cfg["ts_max_seconds"], check_every=100), device)
+                f, nu, dt, tol=tol, max_seconds=max(ts_deadline - time.perf_counter(), 1.0), check_every=20), device)
             if bool(torch.isfinite(rel_t).all()):
                 break
         reached = bool((rel_t <= tol).all())
         slowest = 1.0 / (nu * (2 * math.pi) ** 2)
         out[f"nu{nu:g}"] = {
-            "viscosity": nu, "resolution": n, "batch": B, "tol": tol,
+            "viscosity": nu, "resolution": n, "batch": B, "tol": tol, "time_stepping_cap_seconds": ts_cap,
             "newton_krylov_seconds": t_nk, "newton_converged": int(sol.converged.sum()),
             "time_stepping_seconds": t_ts, "time_steps": steps, "dt": dt, "cfl": cfl, "simulated_time": steps * dt,
             "time_stepping_reached_tol": reached, "time_stepping_rel_residual_max": float(rel_t.max()),
@@ -185,17 +207,67 @@ def compare_time_stepping(cfg: dict, device: torch.device) -> dict:
     return out
 
 
-def generate_ns_sets(cfg: dict, device: torch.device, data_dir: Path) -> dict:
+def generate_ns_sets(cfg: dict, device: torch.device, data_dir: Path, budget: Budget | None = None,
+                     on_update=None) -> dict:
+    """Generate the paper-size NS sets; past the budget, stop after the current chunk (partial, resumable)."""
+    import h5py
+
+    from pde.datasets import split_path
+
+    budget = budget or Budget(None)
     out = {}
     for name in cfg["ns_recipes"]:
         recipe = load_recipe(name)
-        t_all, n_all, rej = 0.0, 0, 0
+        entry = out[name] = {"seconds": 0.0, "samples": 0, "rejected": 0, "partial": False}
+        raw: dict = {}
         for split in recipe["splits"]:
-            r, t = timed(lambda: generate_split(recipe, split, data_dir, device=device, progress=False,
-                                                overwrite=True), device)
-            t_all, n_all, rej = t_all + t, n_all + r["n_samples"], rej + r["n_rejected"]
-        out[name] = {"seconds": t_all, "samples": n_all, "rejected": rej}
-        print(f"generated {name}: {n_all} samples in {t_all:.1f} s ({rej} draws rejected)", flush=True)
+            if budget.left() <= 0:
+                entry["partial"] = True
+                break
+            done = {"n": 0}
+
+            def on_chunk(c, n_samples):
+                done["n"] = n_samples
+                if budget.left() <= 0:
+                    raise OutOfBudget
+
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                r = generate_split(recipe, split, data_dir, device=device, progress=False, overwrite=True,
+                                   on_chunk=on_chunk)
+                n_split, rej = r["n_samples"], r["n_rejected"]
+                path = Path(r["path"])
+            except OutOfBudget:
+                n_split, rej, entry["partial"] = done["n"], None, True
+                path = split_path(recipe, split, data_dir)
+                path = path.with_name(path.name + ".tmp")
+            sync(device)
+            entry["seconds"] += time.perf_counter() - t0
+            entry["samples"] += n_split
+            if rej is not None:
+                entry["rejected"] += rej
+            try:
+                with h5py.File(path, "r") as fh:
+                    if rej is None:
+                        entry["rejected"] += int(fh.attrs["n_rejected"])
+                    for key in ("newton_iterations", "krylov_iterations", "continuation"):
+                        vals = np.asarray(fh[key][:n_split], dtype=np.float64)
+                        raw.setdefault(key, []).append(vals)
+            except (OSError, KeyError):
+                pass
+            for key, parts in raw.items():
+                vals = np.concatenate(parts)
+                if vals.size:
+                    entry[key] = {"mean": float(vals.mean()), "max": float(vals.max()),
+                                  **({"count": int(vals.sum())} if key == "continuation" else {})}
+            if on_update is not None:
+                on_update(out)
+        print(f"generated {name}: {entry['samples']} samples in {entry['seconds']:.1f} s "
+              f"({entry['rejected']} draws rejected{', PARTIAL: out of time budget' if entry['partial'] else ''})",
+              flush=True)
+        if on_update is not None:
+            on_update(out)
     return out
 
 
@@ -213,15 +285,23 @@ def targets_of(cfg: dict, m: dict) -> dict:
     ns_b, gen = m.get("navier_stokes", {}), m.get("generated", {})
     for nu, name, goal in ((0.01, "ns-nu0.01", 120.0), (0.001, "ns-nu0.001", 600.0)):
         key = f"nu{nu:g}_n128"
-        if name in gen:
-            sec, extra = gen[name]["seconds"] * 5000 / max(gen[name]["samples"], 1), {"extrapolated": gen[name]["samples"] != 5000}
+        if name in gen and gen[name]["samples"]:
+            sec, extra = gen[name]["seconds"] * 5000 / gen[name]["samples"], {"extrapolated": gen[name]["samples"] != 5000}
         elif key in ns_b:
             sec, extra = ns_b[key]["projected_seconds_5000"], {"extrapolated": True,
                                                                "from_batch": ns_b[key]["batch"]}
+        elif name in gen:  # asked for, but the budget left no sample: a missed target
+            t[f"ns128_{name}_5000_samples_seconds"] = {"value": None, "target": goal, "op": "<=", "met": False,
+                                                      "skipped": "out of time budget"}
+            continue
         else:
             continue
         t[f"ns128_{name}_5000_samples_seconds"] = {**target(sec, goal, "<="), **extra}
     for key, c in m.get("compare", {}).items():
+        if "speedup" not in c:  # skipped for the time budget: a missed target, kept in the file
+            t[f"newton_krylov_vs_time_stepping_speedup_{key}"] = {"value": None, "target": 10.0, "op": ">=",
+                                                                  "met": False, "skipped": c.get("skipped")}
+            continue
         t[f"newton_krylov_vs_time_stepping_speedup_{key}"] = {**target(c["speedup"], 10.0, ">="),
                                                               "lower_bound": c["speedup_is_lower_bound"]}
     return t
@@ -247,7 +327,7 @@ def plot(m: dict, path: Path) -> None:
     axes[0].set_yscale("log")
     axes[0].set_ylabel("samples / s")
     axes[0].set_title("data generation throughput")
-    comp = m.get("compare", {})
+    comp = {k: c for k, c in m.get("compare", {}).items() if "speedup" in c}
     for i, (k, c) in enumerate(comp.items()):
         axes[1].bar([3 * i, 3 * i + 1], [c["newton_krylov_seconds"], c["time_stepping_seconds"]],
                     color=["tab:green", "tab:red"])
@@ -272,22 +352,29 @@ def main(argv=None) -> None:
     ap.add_argument("--generate-ns", action="store_true",
                     help="also generate the 5000-sample ns-nu0.01 and ns-nu0.001 sets and time them")
     ap.add_argument("--skip", action="append", default=[], choices=["darcy", "ns", "compare"])
+    ap.add_argument("--budget-seconds", type=float, default=None,
+                    help="wall-clock budget of the whole run: time stepping is capped to fit, sections that "
+                         "cannot start are skipped, NS generation stops after the chunk that crosses it "
+                         "(partial counts are written, files stay resumable)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.small:
         cfg = dict(darcy_resolution=65, darcy_samples=32, darcy_batch=16, scipy_samples=3, darcy_recipe="darcy-tiny",
                    viscosities=[0.01, 0.001], ns_resolutions=[24, 32], ns_batch=2,
-                   compare_resolution=32, compare_batch=2, cfl=0.5, ts_max_seconds=30.0, ns_recipes=["ns-tiny"])
+                   compare_resolution=32, compare_batch=2, cfl=0.5, ts_max_seconds=30.0, ns_recipes=["ns-tiny"],
+                   compare_budget_share=0.4)
     else:
         cfg = dict(darcy_resolution=421, darcy_samples=1024, darcy_batch=128, scipy_samples=3, darcy_recipe="darcy-85",
                    viscosities=[0.01, 0.001], ns_resolutions=[64, 128], ns_batch=500,
                    compare_resolution=128, compare_batch=64, cfl=0.5, ts_max_seconds=90.0,
-                   ns_recipes=["ns-nu0.01", "ns-nu0.001"])
+                   ns_recipes=["ns-nu0.01", "ns-nu0.001"], compare_budget_share=0.3)
     cfg.update(small=args.small, device=str(device), generate_ns=args.generate_ns)
     tmp = tempfile.TemporaryDirectory() if args.data_dir is None else None
     data_dir = Path(args.data_dir or tmp.name)
     t_start = time.perf_counter()
+    budget = Budget(args.budget_seconds)
+    cfg["budget_seconds"] = args.budget_seconds
     metrics: dict = {}
     png = Path(args.out_dir) / f"{NAME}.png"
 
@@ -311,10 +398,17 @@ def main(argv=None) -> None:
         metrics["navier_stokes"] = bench_ns(cfg, device)
         save()
     if "compare" not in args.skip:
-        metrics["compare"] = compare_time_stepping(cfg, device)
+        # keep most of the budget for generation when it is asked for
+        share = Budget(None if args.budget_seconds is None else
+                       budget.left() * (cfg["compare_budget_share"] if args.generate_ns else 1.0))
+        metrics["compare"] = compare_time_stepping(cfg, device, share)
         save()
     if args.generate_ns:
-        metrics["generated"] = generate_ns_sets(cfg, device, data_dir)
+        def on_update(gen):
+            metrics["generated"] = gen
+            save()
+
+        metrics["generated"] = generate_ns_sets(cfg, device, data_dir, budget, on_update)
     path = save()
     print(f"wrote {path} and {png}")
     if tmp is not None:
