@@ -131,8 +131,79 @@ def test_study_command_end_to_end_and_resumes(tmp_path):
     models = data["metrics"]["models"]
     assert set(models) == {"maze_deq_random", "maze_recurrent_noinj", "maze_feedforward", "prefix_deq_zero"}
     assert "aa_mean" in models["maze_deq_random"] and "aa_mean" not in models["maze_feedforward"]
-    for suffix in ("accuracy", "aa_hist", "aa_scatter", "traces"):
+    metrics = data["metrics"]
+    assert metrics["skipped"] == [] and "paper_vs_ours" in metrics
+    assert metrics["paper_vs_ours"]["maze_aa_path_independent"]["paper"] == 1.0
+    darcy = metrics["darcy"]["darcy_deq"]
+    assert set(darcy["rel_l2"]) == {"train", "r15_c2", "r8_c4"}
+    assert all(0 < v < 10 for curve in darcy["rel_l2"].values() for v in curve.values())
+    for suffix in ("accuracy", "aa_hist", "aa_scatter", "traces", "darcy"):
         assert (tmp_path / "out" / f"path_independence_tiny_{suffix}.png").exists()
     stamp = (tmp_path / "run" / "models" / "maze_deq_random.pt").stat().st_mtime_ns
     main(args)  # resumes: nothing retrained
     assert (tmp_path / "run" / "models" / "maze_deq_random.pt").stat().st_mtime_ns == stamp
+
+
+def test_maze_augmentation_keeps_exact_labels():
+    from implicit.studies.train import augment_maze
+
+    data = make_mazes(6, 5, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(12):
+        x, y = augment_maze(data.x, data.y, gen)
+        seen.add(x.numpy().tobytes())
+        for xi, yi in zip(x.numpy(), y.numpy()):
+            maze = maze_from_channels(xi)
+            assert maze.east[:, -1].sum() == 0 and maze.south[-1, :].sum() == 0  # walls stay on the border
+            assert np.array_equal(maze.channels(), xi)  # west/north channels still mirror east/south
+            path = bfs_path(maze)
+            assert yi.sum() == len(path) and all(yi[c] == 1 for c in path)
+    assert len(seen) > 2  # several different symmetries were drawn
+
+
+def test_training_stops_on_the_clock():
+    from implicit.studies.models import build_model
+    from implicit.studies.train import train_model
+
+    data = make_mazes(32, 4, seed=0)
+    spec = {"kind": "recurrent", "width": 4, "budget": 2, "epochs": 10_000, "batch_size": 8, "train_seconds": 0.5}
+    info = train_model(build_model("maze", spec), data, spec)
+    assert info["stopped_by"] == "train_seconds" and 0.5 <= info["train_seconds"] < 10 and info["steps"] > 0
+    info = train_model(build_model("maze", spec), data, {**spec, "train_seconds": None}, deadline=0.0)
+    assert info["stopped_by"] == "deadline" and info["steps"] == 0
+
+
+def test_study_budget_skips_models_but_writes_results(tmp_path):
+    from implicit.cli import main
+
+    main(["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
+          str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu",
+          "--models", "maze_deq_random,maze_feedforward", "--set", "time_budget_s=1", "--set", "eval_reserve_s=5"])
+    data = json.loads((tmp_path / "out" / "path_independence_tiny.json").read_text())
+    assert data["metrics"]["skipped"] == ["maze_deq_random", "maze_feedforward"]
+    assert data["metrics"]["models"] == {} and data["targets"]["aa_vs_hard_accuracy_rank_correlation_8plus_models"]["met"] is False
+
+
+def test_darcy_task_data_and_training():
+    from pde.darcy import darcy_residual
+    from implicit.studies.darcy_task import build_darcy_model, evaluate_darcy, interior_mse, make_darcy
+    from implicit.studies.data import TaskSet
+    from implicit.studies.train import train_model
+
+    train = make_darcy(48, 9, low=6.0, high=12.0, seed=0)
+    test = make_darcy(8, 17, low=6.0, high=12.0, seed=1)
+    u = train.y
+    assert (u[:, 0] == 0).all() and (u[:, :, -1] == 0).all() and (u[:, 1:-1, 1:-1] > 0).all()
+    a = train.x[:, 0].double() * 12.0
+    assert set(a.unique().tolist()) <= {6.0, 12.0}
+    assert float(darcy_residual(a, u.double()).max()) < 1e-4  # labels solve the discrete equation
+    torch.manual_seed(0)
+    spec = {"width": 8, "budget": [4, 8], "init": "random", "epochs": 15, "batch_size": 16, "lr": 3e-3, "tol": 1e-3}
+    model = build_darcy_model(spec, train)
+    before = evaluate_darcy(model, train, {"r17_c2": test}, [8])["rel_l2"]["train"]["8"]
+    scaled = TaskSet(model.features(train.x), train.y / model.u_scale, train.mask)
+    train_model(model, scaled, spec, loss_fn=interior_mse)
+    ev = evaluate_darcy(model, train, {"r17_c2": test}, [2, 8])
+    assert ev["rel_l2"]["train"]["8"] < 0.5 * before and ev["rel_l2"]["train"]["8"] < 0.3
+    assert len(ev["per_sample"]["r17_c2"]["aa"]) == 8 and 0.5 < ev["aa_mean"] <= 1.0 + 1e-6

@@ -6,8 +6,8 @@ with the paper's interventions as config switches (:mod:`.train`), upward-genera
 asymptotic-alignment evaluation (:mod:`.evaluate`) and the ``implicit study path-independence``
 command (:mod:`.cli`). The asymptotic-alignment score itself lives in :mod:`implicit.analysis`.
 
-The Darcy task of the issue (coarse / low-contrast training, fine / high-contrast tests) is
-not built yet: it waits on the ``pde`` package's operator models.
+The continuous task, Darcy flow trained coarse / low contrast and tested fine / high contrast,
+is :mod:`.darcy_task` (data from :mod:`pde.darcy` and :mod:`pde.grf`), an optional task of the study.
 """
 
 from .mazes import MazeSet, bfs_path, generate_maze, make_mazes

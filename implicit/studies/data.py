@@ -46,7 +46,8 @@ class TaskSet(Dataset):
         try:
             with h5py.File(tmp, "w") as fh:
                 fh.create_dataset("x", data=self.x.cpu().numpy(), compression="gzip")
-                fh.create_dataset("y", data=self.y.cpu().numpy().astype(np.int8), compression="gzip")
+                y = self.y.cpu().numpy()  # labels as int8; a regression target (Darcy) keeps its float dtype
+                fh.create_dataset("y", data=y if y.dtype.kind == "f" else y.astype(np.int8), compression="gzip")
                 fh.create_dataset("mask", data=self.mask.cpu().numpy(), compression="gzip")
                 for key, value in self.recipe.items():
                     fh.attrs[key] = value
@@ -62,5 +63,6 @@ class TaskSet(Dataset):
 
         with h5py.File(path, "r") as fh:
             recipe = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
-            return cls(torch.from_numpy(fh["x"][...]), torch.from_numpy(fh["y"][...].astype(np.int64)),
+            y = fh["y"][...]
+            return cls(torch.from_numpy(fh["x"][...]), torch.from_numpy(y if y.dtype.kind == "f" else y.astype(np.int64)),
                        torch.from_numpy(fh["mask"][...]), recipe)

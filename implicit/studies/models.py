@@ -97,6 +97,7 @@ class IterativeNet(nn.Module):
         iters: training solver budget (DEQ ``max_iter``) or unroll depth (recurrent) or depth (feed-forward).
         solver, tol, backward, backward_options: the DEQ's forward solver and gradient.
         norm: per-site channel norm inside the cell (:class:`ChannelNorm`).
+        out_channels: channels of the head's output (2 logits per site; 1 for a regression such as Darcy).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class IterativeNet(nn.Module):
         backward: str = "phantom",
         backward_options: dict | None = None,
         norm: bool = False,
+        out_channels: int = 2,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -128,7 +130,7 @@ class IterativeNet(nn.Module):
         self.dim, self.kind, self.injection, self.init, self.init_scale = dim, kind, injection, init, init_scale
         self.iters, self.width = iters, width
         self.encoder = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, width, 3, padding=1))
-        self.head = nn.Sequential(conv(width, width, 3, padding=1), nn.ReLU(), conv(width, 2, 1))
+        self.head = nn.Sequential(conv(width, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
         if kind == "feedforward":
             self.cells = nn.ModuleList(Cell(dim, width, True, norm) for _ in range(iters))
         else:

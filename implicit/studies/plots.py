@@ -83,7 +83,7 @@ def plot_aa_scatter(metrics: dict, path: Path) -> None:
     ax.set_xlabel("mean AA score (test inputs)")
     ax.set_ylabel("accuracy on harder inputs")
     ax.set_title(f"Spearman rho = {metrics['aa_vs_hard_accuracy_spearman']:.2f} "
-                 f"({metrics['n_iterative_models']} models)")
+                 f"({metrics['n_fitted_models']} fitted models)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -108,17 +108,47 @@ def plot_traces(evals: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_darcy(evals: dict, path: Path) -> None:
+    """Darcy: relative L2 error vs test-time iterations, one panel per test set, one line per model."""
+    plt = _plt()
+    sets = sorted({s for ev in evals.values() for s in ev["rel_l2"]})
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.2), squeeze=False)
+    for ax, set_name in zip(axes.flat, sets):
+        for name, ev in evals.items():
+            curve = ev["rel_l2"].get(set_name, {})
+            ks = sorted(curve, key=int)
+            ax.plot([int(k) for k in ks], [curve[k] for k in ks], "-o", ms=3, label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"darcy {set_name}")
+        ax.set_xlabel("test-time iterations")
+        ax.set_ylabel("relative L2 error")
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_all(evals: dict, metrics: dict, out_dir: Path, name: str) -> list[str]:
-    """Write the four figures; returns their paths."""
+    """Write the figures (four, and a fifth when the study has Darcy models); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    darcy = {n: ev for n, ev in evals.items() if ev["task"] == "darcy"}
+    evals = {n: ev for n, ev in evals.items() if ev["task"] != "darcy"}
     paths = {
         "accuracy": out_dir / f"{name}_accuracy.png",
         "aa_hist": out_dir / f"{name}_aa_hist.png",
         "aa_scatter": out_dir / f"{name}_aa_scatter.png",
         "traces": out_dir / f"{name}_traces.png",
     }
-    plot_accuracy(evals, paths["accuracy"])
-    plot_aa_histogram(evals, paths["aa_hist"])
-    plot_aa_scatter(metrics, paths["aa_scatter"])
-    plot_traces(evals, paths["traces"])
+    if not evals:  # every model skipped (time budget) or only Darcy models
+        paths = {}
+    else:
+        plot_accuracy(evals, paths["accuracy"])
+        plot_aa_histogram(evals, paths["aa_hist"])
+        plot_aa_scatter(metrics, paths["aa_scatter"])
+        plot_traces(evals, paths["traces"])
+    if darcy:
+        paths["darcy"] = out_dir / f"{name}_darcy.png"
+        plot_darcy(darcy, paths["darcy"])
     return [str(p) for p in paths.values()]

@@ -3,6 +3,17 @@
 Everything lands in a run folder: generated data sets (HDF5), one checkpoint per trained model and
 one evaluation file per model, each written atomically. Re-running on the same folder skips models
 already trained and evaluated with the same spec, so an interrupted study resumes where it stopped.
+
+Speed and time (config top level): ``workers = N`` trains and evaluates N models at once in separate
+processes (small models leave a GPU mostly idle between kernel launches, so several share it well);
+``time_budget_s`` is a wall-clock budget for the whole study: training stops ``eval_reserve_s``
+before it, models not yet started are skipped (listed in ``metrics.skipped``), and the results file
+is still written. A model cut off by the budget is retrained when the study is run again.
+
+The across-model correlation follows the paper's population: models that fit their training
+distribution (in-distribution accuracy at least ``fit_threshold``, default 0.9); the value over
+every model is reported beside it. Per-sample, AA is correlated with correctness over all
+harder test inputs of those models (Anil et al., 2022, Sec. 6).
 """
 
 from __future__ import annotations
@@ -10,9 +21,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing as mp
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +41,8 @@ from .models import build_model
 from .prefix_sums import make_prefix_sums
 from .train import train_model
 
-TASKS = ("maze", "prefix_sums")
+TASKS = ("maze", "prefix_sums", "darcy")
+CLASSIFICATION = ("maze", "prefix_sums")
 # per task: the config key of the training size and of the test sizes, and the set generator
 _SIZES = {"maze": ("train_size", "test_sizes"), "prefix_sums": ("train_length", "test_lengths")}
 
@@ -122,19 +136,29 @@ def _load_if_same(path: Path, spec: dict, loader) -> Any:
     return obj if obj.get("spec") == spec else None
 
 
-def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, progress: bool) -> dict:
-    """Train (unless checkpointed) and evaluate (unless evaluated) one model; returns its evaluation."""
+def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, progress: bool,
+              deadline: float | None = None) -> dict | None:
+    """Train (unless checkpointed) and evaluate (unless evaluated) one model; returns its evaluation,
+    or ``None`` when ``deadline`` (a :func:`time.time` value) passed before it could start."""
     task, name = spec["task"], spec["name"]
     eval_path = run_dir / "eval" / f"{name}.json"
     done = _load_if_same(eval_path, spec, lambda p: json.loads(p.read_text()))
-    if done is not None:
+    if done is not None and done.get("train", {}).get("stopped_by") != "deadline":
         return done
+    if task == "darcy":
+        from .darcy_task import run_darcy_model
+
+        return run_darcy_model(spec, config, run_dir, device, deadline=deadline)
     cfg = config["tasks"][task]
     train_set, tests = task_data(run_dir, task, cfg, int(config.get("seed", 0)))
     torch.manual_seed(int(spec.get("seed", 0)))
     model = build_model(task, spec)
     ckpt_path = run_dir / "models" / f"{name}.pt"
     ckpt = _load_if_same(ckpt_path, spec, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if ckpt is not None and ckpt["train"].get("stopped_by") == "deadline":
+        ckpt = None  # cut off by an earlier run's budget: train it properly this time
+    if ckpt is None and deadline is not None and time.time() >= deadline:
+        return None
     if ckpt is None:
         bar = tqdm(total=1, desc=f"train {name}", leave=False, disable=not progress)
 
@@ -144,7 +168,7 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        info = train_model(model, train_set, spec, device=device, progress=report)
+        info = train_model(model, train_set, spec, device=device, progress=report, deadline=deadline)
         bar.close()
         ckpt = {"spec": spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": info}
         _save_atomic(ckpt, ckpt_path)
@@ -153,7 +177,8 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
     evaluation = evaluate_model(model, train_set, tests, cfg, config, device)
     evaluation.update(spec=spec, name=name, task=task, train={
         "final_loss": float(sum(ckpt["train"]["loss_history"][-20:]) / max(1, len(ckpt["train"]["loss_history"][-20:]))),
-        "steps": ckpt["train"]["steps"], "train_seconds": ckpt["train"]["train_seconds"]})
+        "steps": ckpt["train"]["steps"], "train_seconds": ckpt["train"]["train_seconds"],
+        "stopped_by": ckpt["train"].get("stopped_by", "epochs")})
     write_json_atomic(eval_path, evaluation)
     return evaluation
 
@@ -163,10 +188,12 @@ def evaluate_model(model, train_set: TaskSet, tests: dict[int, TaskSet], cfg: di
     iters = [int(k) for k in cfg["eval_iters"]]
     batch = int(config.get("eval_batch_size", 256))
     aa_iters = int(cfg.get("aa_iters", max(iters)))
-    seen = TaskSet(*train_set[: int(cfg["n_test"])])  # in-distribution accuracy at the training budget
-    in_dist = correct_per_iters(model, seen, [model.iters], batch_size=batch, device=device)
-    out: dict[str, Any] = {"train_accuracy": float(in_dist[model.iters].float().mean()), "accuracy": {},
-                           "per_sample": {}}
+    seen = TaskSet(*train_set[: int(cfg["n_test"])])  # in-distribution: training-size inputs
+    in_iters = sorted({model.iters, *iters}) if model.iterative else [model.iters]
+    in_dist = correct_per_iters(model, seen, in_iters, batch_size=batch, device=device)
+    out: dict[str, Any] = {"train_accuracy": float(in_dist[model.iters].float().mean()),
+                           "in_distribution_accuracy": max(float(v.float().mean()) for v in in_dist.values()),
+                           "accuracy": {}, "per_sample": {}}
     for size, data in tests.items():
         correct = correct_per_iters(model, data, iters, batch_size=batch, device=device)
         out["accuracy"][str(size)] = {str(k): float(v.float().mean()) for k, v in correct.items()}
@@ -181,10 +208,24 @@ def evaluate_model(model, train_set: TaskSet, tests: dict[int, TaskSet], cfg: di
     return out
 
 
+# the paper's numbers quoted by issue 9 (Anil et al., 2022): model-level AA scores
+PAPER_AA = {"maze": {"path_independent": 1.00, "path_dependent": 0.32},
+            "prefix_sums": {"path_independent": 0.99, "path_dependent": 0.62}}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def summarise(evals: dict[str, dict], config: dict) -> tuple[dict, dict]:
-    """Model-level metrics, the two targets, and the across-model rank correlation."""
+    """Model-level metrics, the two targets, the across-model and per-sample rank correlations,
+    and the paper-vs-ours comparison."""
     models: dict[str, dict] = {}
+    darcy = {}
     for name, ev in evals.items():
+        if ev["task"] == "darcy":
+            darcy[name] = {k: v for k, v in ev.items() if k != "spec"}
+            continue
         spec = ev["spec"]
         acc = ev["accuracy"]
         final = {s: a[max(a, key=int)] for s, a in acc.items()}
@@ -192,52 +233,92 @@ def summarise(evals: dict[str, dict], config: dict) -> tuple[dict, dict]:
         row = {"task": ev["task"], "kind": spec.get("kind", "deq"), "init": spec.get("init", "zero"),
                "injection": spec.get("injection", True), "budget": spec.get("budget"),
                "memorise_init": spec.get("memorise_init", 0.0), "seed": spec.get("seed", 0),
-               "train": ev["train"], "train_accuracy": ev["train_accuracy"], "accuracy": acc,
-               "hard_accuracy": sum(final.values()) / len(final), "best_accuracy": best}
+               "width": spec.get("width", 32), "role": spec.get("role"),
+               "train": ev["train"], "train_accuracy": ev["train_accuracy"],
+               "in_distribution_accuracy": ev.get("in_distribution_accuracy", ev["train_accuracy"]),
+               "accuracy": acc, "hard_accuracy": sum(final.values()) / len(final), "best_accuracy": best}
         aa_all = [a for s in ev["per_sample"].values() for a in s.get("aa", [])]
         if aa_all:
             ok = [c for s in ev["per_sample"].values() for c in s["correct"]]
             row["aa_mean"] = sum(aa_all) / len(aa_all)
-            good = [a for a, c in zip(aa_all, ok) if c]
-            bad = [a for a, c in zip(aa_all, ok) if not c]
-            row["aa_mean_correct"] = sum(good) / len(good) if good else None
-            row["aa_mean_incorrect"] = sum(bad) / len(bad) if bad else None
+            row["aa_mean_correct"] = _mean([a for a, c in zip(aa_all, ok) if c])
+            row["aa_mean_incorrect"] = _mean([a for a, c in zip(aa_all, ok) if not c])
             varied = len(set(ok)) > 1 and len(set(aa_all)) > 1
             row["aa_vs_correct_spearman"] = spearman(aa_all, [float(c) for c in ok]) if varied else None
         models[name] = row
-    iterative = [r for r in models.values() if "aa_mean" in r]
-    rho = (spearman([r["aa_mean"] for r in iterative], [r["hard_accuracy"] for r in iterative])
-           if len(iterative) >= 2 else float("nan"))
-    per_task = {}
-    for task in TASKS:
-        rows = [r for r in iterative if r["task"] == task]
-        if len(rows) >= 3:
-            per_task[task] = spearman([r["aa_mean"] for r in rows], [r["hard_accuracy"] for r in rows])
-    metrics = {"models": models, "aa_vs_hard_accuracy_spearman": rho, "aa_vs_hard_accuracy_spearman_per_task": per_task,
-               "n_iterative_models": len(iterative)}
+    threshold = float(config.get("fit_threshold", 0.9))
+    iterative = {n: r for n, r in models.items() if "aa_mean" in r}
+    fitted = {n: r for n, r in iterative.items() if r["in_distribution_accuracy"] >= threshold}
+
+    def across(rows: dict) -> float:
+        if len(rows) < 2:
+            return float("nan")
+        return spearman([r["aa_mean"] for r in rows.values()], [r["hard_accuracy"] for r in rows.values()])
+
+    rho_all, rho = across(iterative), across(fitted)
+    per_task = {t: across({n: r for n, r in fitted.items() if r["task"] == t}) for t in CLASSIFICATION
+                if sum(r["task"] == t for r in fitted.values()) >= 3}
+    # per sample (the paper's Sec. 6): AA vs correctness over every harder input of the fitted models
+    per_sample = {}
+    for task in CLASSIFICATION:
+        aa, ok = [], []
+        for n, r in fitted.items():
+            if r["task"] == task:
+                for s in evals[n]["per_sample"].values():
+                    aa += s.get("aa", [])
+                    ok += [float(c) for c in s["correct"]]
+        if len(set(ok)) > 1 and len(set(aa)) > 1:
+            per_sample[task] = {"spearman": spearman(aa, ok), "n_samples": len(aa),
+                                "aa_mean_correct": _mean([a for a, c in zip(aa, ok) if c]),
+                                "aa_mean_incorrect": _mean([a for a, c in zip(aa, ok) if not c])}
+    metrics = {"models": models, "fit_threshold": threshold,
+               "aa_vs_hard_accuracy_spearman": rho, "aa_vs_hard_accuracy_spearman_all_models": rho_all,
+               "aa_vs_hard_accuracy_spearman_per_task": per_task, "aa_vs_correct_per_sample": per_sample,
+               "n_iterative_models": len(iterative), "n_fitted_models": len(fitted),
+               "fitted_models": sorted(fitted)}
+    if darcy:
+        metrics["darcy"] = darcy
 
     targets = {}
     maze_cfg = config.get("tasks", {}).get("maze")
+    paper: dict[str, Any] = {}
     if maze_cfg:
         twice = [s for s in maze_cfg["test_sizes"] if s >= 2 * maze_cfg["train_size"]]
         deqs = [r for r in models.values() if r["task"] == "maze" and r["kind"] == "deq"]
         value = max((r["best_accuracy"][str(min(twice))] for r in deqs), default=float("nan")) if twice else float("nan")
         metrics["upward_size"] = min(twice) if twice else None
         targets["maze_deq_solves_2x_size_with_more_iterations"] = target(value, 0.9, ">=")
+        if twice:
+            paper["maze_deq_accuracy_at_2x_size"] = {"issue_target": 0.9, "ours": None if math.isnan(value) else value,
+                                                     "size": min(twice), "train_size": maze_cfg["train_size"]}
+    for task, quoted in PAPER_AA.items():
+        for role, value in quoted.items():
+            ours = [r["aa_mean"] for r in iterative.values() if r["task"] == task and r["role"] == role]
+            paper[f"{task}_aa_{role}"] = {"paper": value, "ours": _mean(ours), "n_models": len(ours)}
+    paper["aa_vs_hard_accuracy_rank_correlation"] = {"issue_target": 0.7, "ours": None if math.isnan(rho) else rho}
+    metrics["paper_vs_ours"] = paper
     spear = target(rho, 0.7, ">=")
-    if len(iterative) < 8 or math.isnan(rho):
+    if len(fitted) < 8 or math.isnan(rho):
         spear["met"] = False  # the target asks for at least 8 trained models
     for entry in (*targets.values(), spear):
         if isinstance(entry["value"], float) and math.isnan(entry["value"]):
             entry["value"] = None  # undefined (too few models, or no test size twice the training size)
-    spear["n_models"] = len(iterative)
+    spear["n_models"] = len(fitted)
+    spear["population"] = f"iterative models with in-distribution accuracy >= {threshold}"
     targets["aa_vs_hard_accuracy_rank_correlation_8plus_models"] = spear
     return metrics, targets
 
 
+def _worker(spec: dict, config: dict, run_dir: str, device: str, deadline: float | None, threads: int):
+    torch.set_num_threads(threads)
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return run_model(spec, config, Path(run_dir), torch.device(device), False, deadline)
+
+
 def run_study(config: dict, *, progress: bool = True, only: list[str] | None = None) -> Path:
     """Train and evaluate every model of ``config``; write the results JSON and PNGs; return the JSON path."""
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     device_opt = config.get("device", "auto")
     device = torch.device("cuda" if device_opt == "auto" and torch.cuda.is_available() else
                           ("cpu" if device_opt == "auto" else device_opt))
@@ -250,10 +331,39 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
         if unknown:
             raise ValueError(f"unknown model(s) {sorted(unknown)}; the config has {[s['name'] for s in specs]}")
         specs = [s for s in specs if s["name"] in only]
-    evals = {}
-    for spec in tqdm(specs, desc="models", disable=not progress):
-        evals[spec["name"]] = run_model(spec, config, run_dir, device, progress)
+    budget = config.get("time_budget_s")
+    deadline = wall_start + float(budget) - float(config.get("eval_reserve_s", 60)) if budget else None
+    workers = max(1, min(int(config.get("workers", 1)), len(specs)))
+    seed = int(config.get("seed", 0))
+    for task in sorted({s["task"] for s in specs}):  # generate (or load) the data once, before any worker
+        if task == "darcy":
+            from .darcy_task import darcy_data
+
+            darcy_data(run_dir, config["tasks"]["darcy"], seed)
+        else:
+            task_data(run_dir, task, config["tasks"][task], seed)
+    evals: dict[str, dict] = {}
+    skipped: list[str] = []
+    bar = tqdm(total=len(specs), desc="models", disable=not progress)
+    if workers == 1:
+        for spec in specs:
+            ev = run_model(spec, config, run_dir, device, progress, deadline)
+            (skipped.append(spec["name"]) if ev is None else evals.__setitem__(spec["name"], ev))
+            bar.update(1)
+    else:
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            jobs = {pool.submit(_worker, spec, config, str(run_dir), str(device), deadline, threads): spec["name"]
+                    for spec in specs}
+            for job in as_completed(jobs):
+                ev = job.result()
+                (skipped.append(jobs[job]) if ev is None else evals.__setitem__(jobs[job], ev))
+                bar.update(1)
+        evals = {s["name"]: evals[s["name"]] for s in specs if s["name"] in evals}  # config order
+    bar.close()
     metrics, targets = summarise(evals, config)
+    metrics["skipped"] = sorted(skipped)
+    metrics["workers"] = workers
     name = config.get("name", "path_independence")
     out_dir = Path(config.get("out_dir", "experiments/results"))
     from .plots import plot_all

@@ -7,6 +7,11 @@ Interventions that promote path independence (Anil et al., 2022, Sec. 5):
 - ``budget = [lo, hi]``: draw the solver budget (DEQ) or unroll depth (recurrent) uniformly per
   batch, so no single iteration count is special.
 
+Training length can be set in wall-clock seconds (``train_seconds``): the learning-rate schedule
+then runs on the fraction of that budget used (or of the steps, whichever is further along), so
+a model stopped by the clock has still been annealed. ``augment = true`` trains mazes on random
+rotations and reflections (the 8 symmetries of the square, channels permuted to match).
+
 Interventions that penalise it:
 - a small fixed ``budget`` with backpropagation through the unroll (``kind = "recurrent"``), so the
   model is fit at one transient instead of at a fixed point;
@@ -48,15 +53,45 @@ def sample_budget(budget: Any, generator: torch.Generator) -> int:
     return int(budget)
 
 
-def training_loss(model: IterativeNet, x: Tensor, y: Tensor, iters: int, memorise_init: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Cross-entropy per site (plus the memorise-init term) and the logits of the main solve."""
+# passage channels (east, south, west, north) under the square's symmetries, see augment_maze
+_TRANSPOSE = (1, 0, 3, 2)
+_FLIP_J = (2, 1, 0, 3)  # mirror left-right: east <-> west
+_FLIP_I = (0, 3, 2, 1)  # mirror top-bottom: south <-> north
+
+
+def augment_maze(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The batch under one random symmetry of the square (transpose, mirrors), labels moved alike.
+
+    ``x`` is ``(B, 7, n, n)`` with channels as :data:`implicit.studies.mazes.CHANNELS`; a symmetry
+    moves the cells and relabels the passage directions, so the labels stay exact shortest paths.
+    """
+    t, fi, fj = (torch.randint(0, 2, (3,), generator=generator) == 1).tolist()
+    x, y = x.clone(), y.clone()
+
+    def permute(x: Tensor, order: tuple[int, ...]) -> Tensor:
+        return torch.cat([x[:, list(order)], x[:, 4:]], dim=1)
+
+    if t:
+        x, y = permute(x, _TRANSPOSE).transpose(-1, -2), y.transpose(-1, -2)
+    if fi:
+        x, y = permute(x, _FLIP_I).flip(-2), y.flip(-2)
+    if fj:
+        x, y = permute(x, _FLIP_J).flip(-1), y.flip(-1)
+    return x.contiguous(), y.contiguous()
+
+
+def training_loss(model: IterativeNet, x: Tensor, y: Tensor, iters: int, memorise_init: float = 0.0,
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``loss_fn(head output, y)`` (default: cross-entropy per site) plus the memorise-init term,
+    and the head output of the main solve."""
+    loss_fn = loss_fn or nn.functional.cross_entropy
     e = model.encoder(x)
     z, _ = model.solve(e, model.initial_state(e, model.init), iters)
     logits = model.head(z)
-    loss = nn.functional.cross_entropy(logits, y)
+    loss = loss_fn(logits, y)
     if memorise_init > 0 and model.iterative and x.shape[0] > 1:
         z_other, _ = model.solve(e, z.detach().roll(1, 0), iters)
-        loss = loss + memorise_init * nn.functional.cross_entropy(model.head(z_other), y.roll(1, 0))
+        loss = loss + memorise_init * loss_fn(model.head(z_other), y.roll(1, 0))
     return loss, logits
 
 
@@ -67,12 +102,19 @@ def train_model(
     *,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
+    deadline: float | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict:
     """Train ``model`` on ``data`` following ``spec``; returns the loss history and timing.
 
     ``spec`` keys (defaults): ``epochs`` (5), ``batch_size`` (64), ``lr`` (1e-3), ``weight_decay``
     (0), ``clip`` (1.0), ``warmup`` (fraction of steps, 0.05), ``budget`` (the model's ``iters``),
-    ``memorise_init`` (0), ``seed`` (0). ``progress(step, total, loss)`` is called every step.
+    ``memorise_init`` (0), ``seed`` (0), ``train_seconds`` (none: wall-clock budget; training ends at
+    the budget or after ``epochs``, whichever comes first, and the cosine schedule follows whichever
+    is further along), ``augment`` (false; mazes only, see :func:`augment_maze`).
+    ``deadline`` (a :func:`time.time` value) stops training at once, schedule or not (the study's
+    overall budget); the result then says ``"stopped_by": "deadline"``.
+    ``progress(step, total, loss)`` is called every step.
     """
     model.to(device).train()
     epochs, batch_size = int(spec.get("epochs", 5)), int(spec.get("batch_size", 64))
@@ -84,29 +126,55 @@ def train_model(
                                   weight_decay=float(spec.get("weight_decay", 0.0)))
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = epochs * steps_per_epoch
-    warm = max(1, int(float(spec.get("warmup", 0.05)) * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    seconds = spec.get("train_seconds")
+    seconds = float(seconds) if seconds else math.inf
+    warmup = float(spec.get("warmup", 0.05))
+    augment = bool(spec.get("augment", False))
+    if augment and data.x.dim() != 4:
+        raise ValueError("augment=true is for mazes (2-D inputs with passage channels)")
+    base_lr = float(spec.get("lr", 1e-3))
     clip, memorise = float(spec.get("clip", 1.0)), float(spec.get("memorise_init", 0.0))
     x_all, y_all = data.x.to(device), data.y.to(device)
-    history, start, step = [], time.perf_counter(), 0
+    history, start, step, stopped_by = [], time.perf_counter(), 0, "epochs"
+
+    def set_lr(frac: float) -> None:
+        scale = min(1.0, (frac + 1e-9) / warmup) if warmup > 0 else 1.0
+        for group in optimiser.param_groups:
+            group["lr"] = base_lr * scale * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def fraction() -> float:
+        return max(step / total, (time.perf_counter() - start) / seconds)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonConvergenceWarning)  # training budgets are short by design
         for _ in range(epochs):
+            if stopped_by != "epochs":
+                break
             order = torch.randperm(len(data), generator=gen).to(device)
             for batch in order.split(batch_size):
+                frac = fraction()
+                if frac >= 1.0:
+                    stopped_by = "train_seconds"
+                    break
+                if deadline is not None and time.time() >= deadline:
+                    stopped_by = "deadline"
+                    break
+                set_lr(frac)
                 iters = sample_budget(budget, gen)
-                loss, _ = training_loss(model, x_all[batch], y_all[batch], iters, memorise)
+                x, y = x_all[batch], y_all[batch]
+                if augment:
+                    x, y = augment_maze(x, y, gen)
+                loss, _ = training_loss(model, x, y, iters, memorise, loss_fn)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), clip)
                 optimiser.step()
-                schedule.step()
                 step += 1
                 history.append(loss.item())
                 if progress is not None:
                     progress(step, total, history[-1])
     model.eval()
-    return {"loss_history": history, "steps": step, "train_seconds": time.perf_counter() - start}
+    return {"loss_history": history, "steps": step, "train_seconds": time.perf_counter() - start,
+            "stopped_by": stopped_by}
