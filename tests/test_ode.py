@@ -145,6 +145,9 @@ def test_ode_fit_cli_lowers_loss_and_resumes(tmp_path):
     assert (tmp_path / "sde" / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match="unknown config keys"):
         FitConfig.load(None, wrong=1)
+    with pytest.raises(ValueError, match="sde_method"):
+        FitConfig.load(None, sde_method="rk4")
+    assert FitConfig.load("experiments/configs/ode_ou.toml").sde_method == "milstein"
 
 
 class DiagonalMLP(torch.nn.Module):

@@ -34,6 +34,7 @@ class FitConfig:
     batch: int = 32
     mode: str = "parallel"  # parallel (backend, implicit gradients) or sequential (torchdiffeq)
     solver: str = "newton"
+    sde_method: str = "euler"  # SDE only: euler (Euler-Maruyama), milstein or milstein_grad_free
     seed: int = 0
     device: str = "cpu"
 
@@ -51,6 +52,8 @@ class FitConfig:
         cfg = cls(**data)
         if cfg.system not in (*SYSTEMS, "ornstein_uhlenbeck"):
             raise ValueError(f'system must be one of {sorted((*SYSTEMS, "ornstein_uhlenbeck"))}, got "{cfg.system}"')
+        if cfg.sde_method not in ("euler", "milstein", "milstein_grad_free"):
+            raise ValueError(f'sde_method must be euler, milstein or milstein_grad_free, got "{cfg.sde_method}"')
         if min(cfg.n_train, cfg.n_test, cfg.steps, cfg.epochs, cfg.batch) < 1:
             raise ValueError("n_train, n_test, steps, epochs and batch must be positive")
         return cfg
@@ -61,7 +64,7 @@ def _model(cfg: FitConfig, dim: int):
     field = MLPField(dim, cfg.width, cfg.depth)
     if cfg.system == "ornstein_uhlenbeck":
         diffusion = MLPField(dim, cfg.width // 2, 1)
-        return NeuralSDE(field, _Softplus(diffusion), solver=cfg.solver, tol=1e-6)
+        return NeuralSDE(field, _Softplus(diffusion), method=cfg.sde_method, solver=cfg.solver, tol=1e-6)
     return NeuralODE(field, solver=cfg.solver, tol=1e-6)
 
 
