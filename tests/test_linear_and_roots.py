@@ -118,9 +118,8 @@ def test_gmres_per_sample_status_and_tolerance():
         gmres(apply(A), b, tol=torch.tensor([1e-3, -1.0, 1e-3], dtype=torch.float64))
 
 
-def test_newton_krylov_nonlinear_root():
-    """Elementwise cubic coupled by a linear term: F(z) = z^3 + z + 0.1 L z - c."""
-    n = 25
+def coupled_cubic(n: int = 25):
+    """Elementwise cubic coupled by a linear term: ``F(z) = z^3 + z + 0.1 L z - c``; returns ``(F, L, c)``."""
     g = torch.Generator().manual_seed(0)
     L = torch.randn(n, n, generator=g, dtype=torch.float64) / n
     c = 3 * torch.randn(4, n, generator=g, dtype=torch.float64)
@@ -128,6 +127,12 @@ def test_newton_krylov_nonlinear_root():
     def F(z):
         return z**3 + z + 0.1 * z @ L.T - c
 
+    return F, L, c
+
+
+def test_newton_krylov_nonlinear_root():
+    n = 25
+    F, _, c = coupled_cubic(n)
     result = newton_krylov(F, torch.zeros_like(c), tol=1e-12, krylov_dim=n)
     assert result.converged.all()
     assert (F(result.z).norm(dim=1) <= 1e-12 * F(torch.zeros_like(c)).norm(dim=1)).all()
@@ -154,13 +159,7 @@ def test_linear_solvers_reject_mismatched_x0(solver):
 
 def test_newton_krylov_eisenstat_walker_and_measure():
     n = 25
-    g = torch.Generator().manual_seed(0)
-    L = torch.randn(n, n, generator=g, dtype=torch.float64) / n
-    c = 3 * torch.randn(4, n, generator=g, dtype=torch.float64)
-
-    def F(z):
-        return z**3 + z + 0.1 * z @ L.T - c
-
+    F, L, c = coupled_cubic(n)
     z0 = torch.zeros_like(c)
     const = newton_krylov(F, z0, tol=1e-10, krylov_dim=n, forcing=1e-6)
     ew = newton_krylov(F, z0, tol=1e-10, krylov_dim=n, forcing=1e-6, forcing_mode="eisenstat-walker")
