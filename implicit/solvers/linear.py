@@ -116,6 +116,8 @@ def cg(
 def _check_tol(tol: float | Tensor, B: int, like: Tensor) -> float | Tensor:
     """A scalar tolerance, or a per-sample ``(B,)`` tensor of positive tolerances."""
     if not torch.is_tensor(tol):
+        if not tol > 0:
+            raise ValueError(f"tol must be positive, got {tol}")
         return tol
     if tol.shape not in ((B,), ()) or not bool((tol > 0).all()):
         raise ValueError(f"tol must be positive, a number or a ({B},) tensor; got shape {tuple(tol.shape)}")
@@ -187,8 +189,6 @@ def gmres(
         flat, Af, Mf, bf, x = _setup(A, b, x0, M)
         B, n = bf.shape
         tol = _check_tol(tol, B, bf)
-        if not torch.is_tensor(tol) and not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol}")
         tiny = torch.finfo(bf.dtype).tiny
         eps = torch.finfo(bf.dtype).eps
         scale = batch_norm(bf).clamp_min(tiny) if stop_mode == "rel" else torch.ones(B, dtype=bf.dtype, device=bf.device)
