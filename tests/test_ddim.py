@@ -10,6 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # noqa: E402
 
 from implicit.diffusion import DDIMSchedule, UNetEps, ddim, ddim_invert, deq_ddim, invert, make_noise  # noqa: E402
+from implicit.diffusion import noise_tol_scale  # noqa: E402
 
 
 def tiny_unet(seed=0, channels=1, size=8):
@@ -93,6 +94,35 @@ def test_deq_ddim_equals_sequential_over_50_steps(teacher, dtype, tol, limit, et
     assert result.z.shape == (2, K, 1, 8, 8)
 
 
+def test_noise_tol_scale_is_paradigms_noise_variance():
+    """ParaDiGMS's tolerance: state k+1's squared change per element vs tol^2 * scheduler variance of its step."""
+    scheduler, K, D = DDIMScheduler(), 50, 64
+    scheduler.set_timesteps(K)
+    ts = scheduler.timesteps
+    ref = [float(scheduler._get_variance(ts[k + 1], ts[k + 1] - 1000 // K)) for k in range(K - 1)] + [0.0]
+    scale = noise_tol_scale(DDIMSchedule.from_config(scheduler), K, D, torch.float64)
+    torch.testing.assert_close(scale, (D * torch.tensor(ref, dtype=torch.float64)).sqrt(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tol,limit", [(1e-3, 1e-3), (1e-6, 1e-6)])
+def test_window_with_noise_tolerance_equals_sequential(teacher, tol, limit):
+    net = copy.deepcopy(teacher[2]).double()
+    eps, schedule, K = UNetEps(net), teacher[1], 50  # clip_sample=True
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seq = ddim(eps, x_T, schedule, K)
+    with torch.no_grad():
+        loop, r_loop = deq_ddim(eps, x_T, schedule, K, method="window", window=10, tol=tol, noise_tol=True)
+        par, result = deq_ddim(eps, x_T, schedule, K, method="window", window=10, tol=tol, noise_tol=True,
+                               compact=True, graph=True)  # graph falls back to eager rounds on the CPU
+        uniform, _ = deq_ddim(eps, x_T, schedule, K, method="window", window=10, tol=tol, stop_mode="abs")
+    assert result.converged.all() and (par - seq).abs().max() <= limit
+    torch.testing.assert_close(par, loop, atol=1e-12, rtol=0)
+    assert torch.equal(result.n_iter, r_loop.n_iter - 1)
+    assert not torch.equal(par, uniform)  # the per-step scale changed which states the window accepted
+    with pytest.raises(ValueError, match='method="window" only'):
+        deq_ddim(eps, x_T, schedule, K, method="anderson", noise_tol=True)
+
+
 def test_implicit_gradient_wrt_x_T_equals_autograd_through_chain():
     net = tiny_unet().double()
     eps, schedule, K = UNetEps(net), DDIMSchedule.create(clip_sample=False), 15
@@ -165,6 +195,15 @@ def test_inversion_lowers_reconstruction_mse(teacher, method, backward):
     assert last < 0.95 * first, res.history
     assert res.x_T.shape == target.shape and res.reconstruction.shape == target.shape
     assert all(t2 >= t1 for (t1, _), (t2, _) in zip(res.history, res.history[1:]))
+
+
+def test_inversion_stops_at_its_time_cap(teacher):
+    eps, schedule = teacher[0], teacher[1]
+    target = ddim(eps, torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)), schedule, 10)
+    res = invert(eps, target, schedule, 10, method="deq", iters=1000, eval_every=100, max_seconds=0.3,
+                 solver="window", solver_options=dict(window=10, compact=True))
+    assert len(res.stats["rounds"]) < 1000
+    assert res.history[-1][0] >= 0.3  # the last iterate is evaluated although 100 iterations did not pass
 
 
 def test_sample_cli_under_torchrun_gloo_equals_one_process(tmp_path, method="deq"):

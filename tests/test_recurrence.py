@@ -174,3 +174,107 @@ def test_input_checks_name_the_problem():
         solve_recurrence(step, x0, 4, init=torch.zeros(2, 4, 2))
     with pytest.raises(ValueError, match="unexpected options"):
         solve_recurrence(step, x0, 4, method="picard", m=3)
+
+
+# The compact window (window-sized buffers, optionally CUDA-graphed rounds) and per-step tolerances.
+
+def _smooth_step(n=4, seed=6):
+    """A near-identity step with a state-dependent coefficient: ``x + h (tanh(x W) - x)``."""
+    W = 0.5 * torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+    def step(x, k, u=None):
+        out = x + 0.05 * (torch.tanh(x @ W.T + 0.02 * k[:, None].to(x.dtype)) - x)
+        return out if u is None else out + 0.01 * u
+
+    return step
+
+
+@pytest.mark.parametrize("linear", [None, 0.95])
+@pytest.mark.parametrize("fill", [True, False])
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_compact_window_equals_the_shared_loop_window(linear, fill, with_inputs):
+    step, K, B = _smooth_step(), 40, 3
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(B, 4, dtype=torch.float64, generator=g)
+    u = torch.randn(B, K, 4, dtype=torch.float64, generator=g) if with_inputs else None
+    opts = dict(method="window", window=6, tol=1e-7, fill=fill, linear=linear, inputs=u, backward=None)
+    loop = solve_recurrence(step, x0, K, **opts)
+    compact = solve_recurrence(step, x0, K, compact=True, **opts)
+    graph_on_cpu = solve_recurrence(step, x0, K, compact=True, graph=True, **opts)  # falls back to eager
+    assert compact.converged.all() and (compact.status == Status.CONVERGED).all()
+    torch.testing.assert_close(compact.z, loop.z, atol=1e-13, rtol=0)  # same rounds, to rounding
+    assert torch.equal(graph_on_cpu.z, compact.z)
+    # the shared loop spends one more round verifying the finished trajectory
+    assert torch.equal(compact.n_iter, loop.n_iter - 1)
+    assert torch.equal(compact.stats["step_evaluations"], 6 * compact.n_iter)
+    torch.testing.assert_close(compact.z, rollout(step, x0, K, inputs=u), atol=1e-5, rtol=0)
+
+
+def test_compact_window_anchored_form_and_status():
+    step, K = _smooth_step(), 30
+    x0 = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+
+    def step_with_a(x, k):  # returns (x_next, a): the anchored form of linear="step"
+        return step(x, k), torch.full_like(x, 0.95)
+
+    loop = solve_recurrence(step_with_a, x0, K, method="window", window=8, tol=1e-9, linear="step", backward=None)
+    compact = solve_recurrence(step_with_a, x0, K, method="window", window=8, tol=1e-9, linear="step",
+                               compact=True, backward=None)
+    torch.testing.assert_close(compact.z, loop.z, atol=1e-13, rtol=0)
+    torch.testing.assert_close(compact.z, rollout(step, x0, K), atol=1e-7, rtol=0)
+    short = solve_recurrence(step, x0, K, method="window", window=4, tol=1e-12, compact=True, max_iter=3)
+    assert (short.status == Status.MAX_ITER).all() and (short.n_iter == 3).all()
+
+    def bad(x, k):
+        return torch.where(k[:, None] == 3, float("nan"), x * 0.5)
+
+    assert (solve_recurrence(bad, x0, 8, method="window", compact=True).status == Status.NONFINITE).all()
+
+
+def test_compact_window_gradients_match_the_loop_window():
+    theta = (0.3 * torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9)))
+    theta.requires_grad_()
+    x0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for compact in (False, True):
+        r = solve_recurrence(tanh_step(theta), x0, 12, method="window", window=5, tol=1e-12, compact=compact,
+                             backward_options={"tol": 1e-13})
+        grads.append(torch.autograd.grad(r.z[:, -1].sum(), (theta, x0)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_per_step_tolerance_scales_each_state(compact):
+    step, K = _smooth_step(), 60
+    x0 = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    exact = rollout(step, x0, K)
+    opts = dict(method="window", window=8, stop_mode="abs", linear=0.95, compact=compact, backward=None)
+    plain = solve_recurrence(step, x0, K, tol=1e-6, **opts)
+    ones = solve_recurrence(step, x0, K, tol=1e-6, tol_scale=torch.ones(K), **opts)
+    assert torch.equal(ones.z, plain.z) and torch.equal(ones.n_iter, plain.n_iter)
+    # loose early, tight late: the window slides faster, and the end of the chain stays accurate
+    scale = torch.logspace(4, 0, K, dtype=torch.float64)
+    scaled = solve_recurrence(step, x0, K, tol=1e-6, tol_scale=scale, **opts)
+    assert scaled.converged.all()
+    assert (scaled.n_iter < plain.n_iter).all()
+    assert (scaled.z - exact).abs().max() > 10 * (plain.z - exact).abs().max()  # the looser states are used
+    tight = solve_recurrence(step, x0, K, tol=1e-10, tol_scale=scale, **opts)
+    assert (tight.z - exact).abs().max() < 1e-6
+    per_sample = solve_recurrence(step, x0, K, tol=1e-6, tol_scale=torch.stack([scale, torch.ones(K)]), **opts)
+    assert torch.equal(per_sample.z[0], scaled.z[0]) and torch.equal(per_sample.z[1], plain.z[1])
+
+
+def test_window_options_are_checked():
+    x0 = torch.randn(2, 3)
+    step = lambda x, k: x  # noqa: E731
+    with pytest.raises(ValueError, match='method="window" only'):
+        solve_recurrence(step, x0, 4, method="picard", tol_scale=torch.ones(4))
+    with pytest.raises(ValueError, match='method="window" only'):
+        solve_recurrence(step, x0, 4, method="anderson", compact=True)
+    with pytest.raises(ValueError, match="tol_scale must have shape"):
+        solve_recurrence(step, x0, 4, method="window", tol_scale=torch.ones(5))
+    with pytest.raises(ValueError, match="non-negative"):
+        solve_recurrence(step, x0, 4, method="window", tol_scale=-torch.ones(4))
+    with pytest.raises(ValueError, match="trace"):
+        solve_recurrence(step, x0, 4, method="window", compact=True, trace=True)

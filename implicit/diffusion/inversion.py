@@ -93,6 +93,9 @@ def invert(
     sample_shape: tuple | None = None,
     eval_every: int = 1,
     target_mse: float | None = None,
+    max_seconds: float | None = None,
+    graph: bool = False,
+    solver_options: dict | None = None,
     callback: Callable[[int, float], None] | None = None,
     progress: bool = False,
 ) -> InversionResult:
@@ -103,12 +106,16 @@ def invert(
         x_T: initial guess; default the deterministic DDIM inversion of ``target``.
         iters, lr: Adam iterations and learning rate on ``x_T``.
         backward: ``"jfb"`` or ``"ift"`` for ``method="deq"``.
-        solver, tol, max_iter, chunk: the forward recurrence solve of ``method="deq"``.
+        solver, tol, max_iter, chunk: the forward recurrence solve of ``method="deq"``;
+            ``solver_options``: more of :func:`deq_ddim`'s options for it (e.g. ``window``, ``compact``).
         use_checkpoint: recompute each step in the backward pass of ``method="backprop"``.
         sample_shape: (C, H, W) the model takes; checked against ``target``.
         eval_every: every this many iterations, record the exact (sequential) reconstruction
             MSE in ``history``, outside the timed region.
         target_mse: stop once the recorded MSE is at or below this.
+        max_seconds: stop once the timed optimisation has taken this long.
+        graph: on CUDA, replay the exact evaluations (and the DEQ solve's rounds, where the
+            solver supports it) from CUDA graphs; ``eps`` must be capturable.
 
     Raises:
         ValueError: on a target of the wrong shape, with NaN/inf, or an unknown method.
@@ -122,7 +129,7 @@ def invert(
 
     def exact(x):
         with torch.no_grad():
-            rec = ddim(eps, x, schedule, n_steps)
+            rec = ddim(eps, x, schedule, n_steps, graph=graph)
         return rec, ((rec - target) ** 2).flatten(1).mean(1)
 
     start = time.perf_counter()
@@ -145,8 +152,8 @@ def invert(
     for i in bar:
         t0 = time.perf_counter()
         if method == "deq":
-            loss, traj, rounds = _deq_loss(eps, step, x, target, schedule, n_steps, traj, backward, solver, tol,
-                                           max_iter, chunk)
+            loss, traj, rounds = _deq_loss(eps, x, target, schedule, n_steps, traj, backward, solver, tol,
+                                           max_iter, chunk, graph, solver_options or {})
             stats["rounds"].append(rounds)
         else:
             loss = _backprop_loss(step, x, target, n_steps, use_checkpoint)
@@ -156,20 +163,23 @@ def invert(
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         elapsed += time.perf_counter() - t0
-        if (i + 1) % eval_every == 0 or i == iters - 1:
+        out_of_time = max_seconds is not None and elapsed >= max_seconds
+        if (i + 1) % eval_every == 0 or i == iters - 1 or out_of_time:
             rec, mse = exact(x.detach())
             history.append((elapsed, float(mse.mean())))
             if callback is not None:
                 callback(i, history[-1][1])
             if target_mse is not None and history[-1][1] <= target_mse:
                 break
+        if out_of_time:
+            break
     rec, mse = exact(x.detach())
     return InversionResult(x.detach(), rec, mse, method, history, stats)
 
 
-def _deq_loss(eps, step, x, target, schedule, n_steps, traj, backward, solver, tol, max_iter, chunk):
+def _deq_loss(eps, x, target, schedule, n_steps, traj, backward, solver, tol, max_iter, chunk, graph, options):
     x0_hat, res = deq_ddim(eps, x, schedule, n_steps, method=solver, tol=tol, max_iter=max_iter, chunk=chunk,
-                           init=traj, backward=backward)
+                           init=traj, backward=backward, graph=graph, **options)
     return ((x0_hat - target) ** 2).mean(), res.z.detach(), int(res.n_iter.max())
 
 

@@ -5,7 +5,8 @@ schedule says) with ``x`` of shape (N, C, H, W) and integer timesteps ``t`` of s
 The DDIM update is one batched pure function of ``(x, k)`` (:class:`DDIMStep`), so the
 parallel sampler hands it to :func:`implicit.solvers.solve_recurrence`, which applies it
 to all ``K`` states at once: DEQ-DDIM (Pokle et al., arXiv 2210.12867), with
-ParaDiGMS's sliding window (arXiv 2305.16317) as ``method="window"``.
+ParaDiGMS's sliding window (arXiv 2305.16317) as ``method="window"`` and its
+per-step tolerance as ``noise_tol=True`` (:func:`noise_tol_scale`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from ..solvers import SolverResult, solve_recurrence
 from .schedule import DDIMSchedule
 
-__all__ = ["DDIMStep", "ddim", "deq_ddim", "make_noise", "SAMPLERS"]
+__all__ = ["DDIMStep", "ddim", "deq_ddim", "make_noise", "noise_tol_scale", "SAMPLERS"]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -89,6 +90,22 @@ class DDIMStep:
         if self.schedule.clip_sample:
             cx0 = cx0 * (x0.abs() < self.schedule.clip_sample_range).to(x.dtype)
         return out, (sap * cx0 + d * ce).expand_as(x).detach()
+
+
+def noise_tol_scale(schedule: DDIMSchedule, n_steps: int, numel: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """ParaDiGMS's per-step tolerance scale (K,): ``sqrt(numel) * sigma_{k+1}`` for the state after step ``k``.
+
+    ParaDiGMS (Shih et al., arXiv 2305.16317, Algorithm 1) accepts a state when its mean squared
+    change in a round is at most ``tol^2`` times the noise variance of the step that leaves it,
+    the DDPM posterior variance ``sigma^2`` (eta = 1), whatever eta the sampler uses. As an
+    absolute L2 bound that is ``tol * sqrt(numel) * sigma``: pass this as ``tol_scale`` to
+    :func:`implicit.solvers.solve_recurrence` with ``stop_mode="abs"``. The final state ``x_0``
+    has no step after it and gets 0 (its change never counts as converged; it is final once
+    its inputs are).
+    """
+    sigma = schedule.coefficients(n_steps, 1.0, dtype, torch.device(device))["sigma"]
+    return torch.cat([sigma[1:], sigma.new_zeros(1)]) * float(numel) ** 0.5
 
 
 def make_noise(x_T: Tensor, n_steps: int, generator: torch.Generator | None = None) -> Tensor:
@@ -183,6 +200,7 @@ def deq_ddim(
     max_iter: int | None = None,
     stop_mode: str = "rel",
     window: int | None = None,
+    noise_tol: bool = False,
     chunk: int | None = None,
     init: Tensor | None = None,
     anchored: bool = True,
@@ -195,9 +213,13 @@ def deq_ddim(
 
     Same arguments as :func:`ddim`, plus the recurrence solver's (``method`` ``"anderson"``,
     ``"picard"`` or ``"window"``; ``tol``, ``max_iter``, ``window``, ``chunk`` rows per model
-    call, ``init`` trajectory guess, ``graph``, ``backward``; see
-    :func:`implicit.solvers.solve_recurrence`). Gradients of the sample with respect to
-    ``x_T`` (and the model) flow by the ``backward`` strategy when autograd is on.
+    call, ``init`` trajectory guess, ``graph``, ``backward``, and for the window ``compact``
+    and ``fill``; see :func:`implicit.solvers.solve_recurrence`). Gradients of the sample with
+    respect to ``x_T`` (and the model) flow by the ``backward`` strategy when autograd is on.
+
+    ``noise_tol=True`` (``method="window"``) is ParaDiGMS's tolerance: a state's root-mean-square
+    change per round is compared with ``tol`` times the noise scale of its step
+    (:func:`noise_tol_scale`; ``stop_mode`` is then ``"abs"``; ParaDiGMS's code uses ``tol=0.1``).
 
     ``anchored=True`` solves DEQ-DDIM's form of the chain, each state written from ``x_T``
     and the model outputs of earlier states (``x_{k+1} = alpha_k x_k + beta_k out_k`` summed
@@ -214,6 +236,11 @@ def deq_ddim(
     if eta > 0 and noise is None:
         noise = make_noise(x_T, n_steps, generator)
     step = _stepper(eps, schedule, n_steps, eta, x_T, with_linear=anchored)
+    if noise_tol:
+        if method != "window":
+            raise ValueError(f'noise_tol=True applies to method="window" only, got method="{method}"')
+        solver_options["tol_scale"] = noise_tol_scale(schedule, n_steps, x_T[0].numel(), x_T.dtype, x_T.device)
+        stop_mode = "abs"
     result = solve_recurrence(step, x_T, n_steps, method=method, inputs=noise if eta > 0 else None, init=init,
                               linear="step" if anchored else None,
                               tol=tol, max_iter=max_iter, stop_mode=stop_mode, window=window, chunk=chunk,

@@ -17,10 +17,15 @@ view of DEQ-DDIM (Pokle et al., arXiv 2210.12867), ParaDiGMS (Shih et al., arXiv
 - ``"window"``: ParaDiGMS's sliding window: each round applies ``step`` to ``window``
   states from the first non-final one; states whose input moved by at most ``tol``
   are final and the window slides past them; states entering the window start from
-  the newest computed state.
+  the newest computed state. ``tol_scale`` gives each state its own tolerance
+  (ParaDiGMS compares state ``k``'s change with ``tol`` times the noise scale of step
+  ``k``; the caller, who knows the schedule, passes that scale). ``compact=True`` runs
+  the rounds on window-sized buffers instead of the whole trajectory, optionally
+  replayed from a CUDA graph (:mod:`implicit.solvers._window`).
 
-All three run in the shared loop :func:`implicit.solvers.iterate` (so they get its
-per-sample statuses, NaN detection, sync-every-k and CUDA-graph capture); the
+All of them run in the shared loop :func:`implicit.solvers.iterate` (so they get its
+per-sample statuses, NaN detection, sync-every-k and CUDA-graph capture), except the
+compact window, which has its own small driver with the same statuses; the shared-loop
 window sets the loop's ``Method.finished`` flag, because a small change inside the
 window does not mean the states beyond it are done. When ``step(x, k) = a_k x + r(x, k)``
 with a known ``a_k`` (``linear=``), every method iterates the anchored form instead,
@@ -42,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._loop import Method, iterate
+from ._loop import Method, check_options, iterate
 from ._result import SolverResult
 from .anderson import _Anderson
 from .picard import _Picard
@@ -152,11 +157,11 @@ class _WindowMap(_TrajectoryMap):
 class _Window(Method):
     """Sliding-window Picard (ParaDiGMS): advance each sample's window past its final states."""
 
-    def __init__(self, w: int, K: int, tol: float, rel: bool, fill: bool):
-        self.w, self.K, self.tol, self.rel, self.fill = w, K, tol, rel, fill
+    def __init__(self, w: int, K: int, tol: Tensor, rel: bool, fill: bool):
+        self.w, self.K, self.tol, self.rel, self.fill = w, K, tol.clone(), rel, fill  # tol: (B, K), one per state
 
     def key(self) -> tuple:
-        return ("window", self.w, self.K, self.tol, self.rel, self.fill)
+        return ("window", self.w, self.K, self.rel, self.fill)
 
     def init(self, z: Tensor) -> None:
         B, dev = z.shape[0], z.device
@@ -180,7 +185,7 @@ class _Window(Method):
         err = torch.linalg.vector_norm(g.view(B, K, -1)[self.rows, idxc], dim=2)
         if self.rel:
             err = err / (torch.linalg.vector_norm(new[self.rows, idxc], dim=2) + torch.finfo(z.dtype).tiny)
-        bad = valid & ~(err <= self.tol)  # a NaN counts as not converged
+        bad = valid & ~(err <= self.tol[self.rows, idxc])  # a NaN counts as not converged
         # Output j is final when its input (output j-1 of the last round) moved by <= tol.
         stride = torch.where(bad.any(1), bad.int().argmax(1) + 1, w)
         s_new = torch.clamp(self.s + stride, max=K)
@@ -203,7 +208,7 @@ class _Window(Method):
 _GRAPH_MAPS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _check(step, x0, n_steps, method, inputs, init, window, chunk) -> None:
+def _check(step, x0, n_steps, method, inputs, init, window, chunk, tol_scale=None, compact=False) -> None:
     if not callable(step):
         raise TypeError(f"step must be callable, got {type(step).__name__}")
     if not torch.is_tensor(x0) or x0.dim() < 1 or not x0.is_floating_point():
@@ -223,6 +228,8 @@ def _check(step, x0, n_steps, method, inputs, init, window, chunk) -> None:
         raise ValueError(f"window must be a positive integer, got {window}")
     if chunk is not None and (int(chunk) != chunk or chunk < 1):
         raise ValueError(f"chunk must be a positive integer or None, got {chunk}")
+    if (tol_scale is not None or compact) and method != "window":
+        raise ValueError(f'tol_scale and compact apply to method="window" only, got method="{method}"')
 
 
 def solve_recurrence(
@@ -239,6 +246,8 @@ def solve_recurrence(
     stop_mode: str = "rel",
     window: int | None = None,
     fill: bool = True,
+    tol_scale: Tensor | None = None,
+    compact: bool = False,
     chunk: int | None = None,
     check_every: int = 4,
     trace: bool = False,
@@ -273,6 +282,17 @@ def solve_recurrence(
         stop_mode: ``"rel"`` or ``"abs"``, as in :func:`implicit.solvers.iterate`.
         window: states per round of ``"window"`` (default ``min(K, 32)``).
         fill: ``"window"`` starts entering states from the newest computed one (ParaDiGMS).
+        tol_scale: ``"window"`` only: per-state tolerance factors, (K,) or (B, K); state ``x_{k+1}``
+            (the output of step ``k``) is final-ready when its change is at most ``tol * tol_scale[k]``
+            in ``stop_mode``. ParaDiGMS's rule for diffusion, mean squared change at most
+            ``tol^2 sigma^2``, is ``stop_mode="abs"`` with ``tol_scale = sqrt(D) sigma`` (``D`` elements
+            per state). ``None``: ``tol`` for every state.
+        compact: ``"window"`` only: run each round on the window's states alone (static window-sized
+            buffers, no whole-trajectory bookkeeping, no extra round to verify the finished trajectory;
+            ``trace`` is not available). With ``graph=True`` on CUDA a block of ``check_every`` rounds
+            is captured once as a CUDA graph (cached on ``step``) and replayed; the host reads back only
+            whether the windows have reached the end. Same trajectory as ``compact=False`` (to
+            rounding), one round fewer.
         chunk: most rows per ``step`` call (a memory budget); ``None``: one call per round.
         check_every, trace, graph: as in :func:`implicit.solvers.iterate`; with ``graph=True``
             the map is cached on ``step`` (which must then be weak-referenceable and capturable).
@@ -290,13 +310,22 @@ def solve_recurrence(
     Raises:
         ValueError: on bad shapes or option values.
     """
-    _check(step, x0, n_steps, method, inputs, init, window, chunk)
+    _check(step, x0, n_steps, method, inputs, init, window, chunk, tol_scale, compact)
     K, B = int(n_steps), x0.shape[0]
     if max_iter is None:  # Picard and the window are exact after K rounds; Anderson has no such bound
         max_iter = 2 * K + 10 if method == "anderson" else K + 1
     w = min(K, 32 if window is None else int(window))
     if method == "window":
-        rule: Method = _Window(w, K, tol, stop_mode == "rel", fill)
+        tol_k = _tolerances(tol, tol_scale, B, K, x0)
+        if compact:
+            if trace:
+                raise ValueError("trace=True is not available with compact=True")
+            if method_options:
+                raise ValueError(f"unexpected options for method {method!r}: {sorted(method_options)}")
+            check_options(tol, max_iter, stop_mode, check_every)
+            return _compact(step, x0, inputs, linear, init, K, w, tol_k, stop_mode, fill, chunk, max_iter,
+                            check_every, graph, backward, backward_options)
+        rule: Method = _Window(w, K, tol_k, stop_mode == "rel", fill)
     elif method == "newton":  # DEER: Newton with a parallel-scan solve (implicit/solvers/newton_recurrence.py)
         from .newton_recurrence import NewtonRecurrence
 
@@ -336,6 +365,7 @@ def solve_recurrence(
         if torch.is_tensor(lin_map):
             F.linear.copy_(lin_map)
         if method == "window":
+            F.method.tol.copy_(rule.tol)
             rule = F.method
     else:
         F = (_WindowMap(step, x0d, ud, K, chunk, rule, lin_map) if method == "window"
@@ -347,6 +377,35 @@ def solve_recurrence(
     per_round = w if method == "window" else K
     stats = dict(result.stats, rounds=result.n_iter, states_per_round=per_round,
                  step_evaluations=result.n_iter * per_round)
+    z = result.z
+    if backward is not None and torch.is_grad_enabled():
+        z = _attach_gradient(step, x0, inputs, lin, K, chunk, z, backward, backward_options)
+    return dataclasses.replace(result, z=z, stats=stats)
+
+
+def _tolerances(tol: float, tol_scale, B: int, K: int, x0: Tensor) -> Tensor:
+    """Per-state tolerances (B, K) of the window: ``tol`` times ``tol_scale`` ((K,) or (B, K)) if given."""
+    if tol_scale is None:
+        return torch.full((B, K), float(tol), dtype=x0.dtype, device=x0.device)
+    scale = torch.as_tensor(tol_scale, dtype=x0.dtype, device=x0.device)
+    if tuple(scale.shape) not in ((K,), (B, K)):
+        raise ValueError(f"tol_scale must have shape (K,) = ({K},) or (B, K) = ({B}, {K}), got {tuple(scale.shape)}")
+    if not bool((scale >= 0).all()):
+        raise ValueError("tol_scale must be non-negative")
+    return (tol * scale).expand(B, K).contiguous()
+
+
+def _compact(step, x0, inputs, linear, init, K, w, tol_k, stop_mode, fill, chunk, max_iter, check_every, graph,
+             backward, backward_options) -> SolverResult:
+    """The window on window-sized buffers (:mod:`implicit.solvers._window`), then the chosen gradient."""
+    from ._window import solve_window
+
+    B = x0.shape[0]
+    lin = _linear(linear, B, K, x0)
+    result = solve_window(step, x0.detach(), K, w, inputs=None if inputs is None else inputs.detach(), linear=lin,
+                          init=None if init is None else init.detach(), tol=tol_k, rel=stop_mode == "rel",
+                          fill=fill, chunk=chunk, max_iter=max_iter, check_every=check_every, graph=graph)
+    stats = dict(result.stats, rounds=result.n_iter, states_per_round=w, step_evaluations=result.n_iter * w)
     z = result.z
     if backward is not None and torch.is_grad_enabled():
         z = _attach_gradient(step, x0, inputs, lin, K, chunk, z, backward, backward_options)
