@@ -48,23 +48,47 @@ class ChannelNorm(nn.Module):
         return self.norm(h.movedim(1, -1)).movedim(-1, 1)
 
 
-class Cell(nn.Module):
-    """``f(z, e) = tanh(B relu(N(A z + e)))`` (``+ e`` only with input injection; ``N`` a per-site
-    channel norm when ``norm``); bounded, so long solves stay finite."""
+class ResidualBlock(nn.Module):
+    """``h -> relu(h + C2 relu(C1 h))`` with two 3x3 convolutions (DT-net's recurrent block,
+    Bansal et al., 2022, uses two of these per iteration)."""
 
-    def __init__(self, dim: int, width: int, injection: bool = True, norm: bool = False):
+    def __init__(self, dim: int, width: int):
         super().__init__()
+        conv = _conv(dim)
+        self.c1 = conv(width, width, 3, padding=1)
+        self.c2 = conv(width, width, 3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.relu(h + self.c2(torch.relu(self.c1(h))))
+
+
+class Cell(nn.Module):
+    """``f(z, e) = tanh(B R(relu(N(A z + e))))`` (``+ e`` only with input injection; ``N`` a per-site
+    channel norm when ``norm``; ``R`` = ``depth`` :class:`ResidualBlock` s, none by default);
+    bounded, so long solves stay finite. With ``skip`` the state is carried over,
+    ``tanh(z + B R(...))``: without input injection the input lives only in ``z0``, and the plain
+    cell, a contraction at initialisation, forgets it within a few steps, so such a net never
+    trains. ``depth = 2`` gives 6 convolutions per iteration, close to
+    DT-net's recurrent block (projection of state and input, then 2 residual blocks)."""
+
+    def __init__(self, dim: int, width: int, injection: bool = True, norm: bool = False, depth: int = 0,
+                 skip: bool = False):
+        super().__init__()
+        if depth < 0:
+            raise ValueError(f"block_depth must be >= 0, got {depth}")
         conv = _conv(dim)
         self.a = conv(width, width, 3, padding=1)
         self.b = conv(width, width, 3, padding=1)
         self.norm = ChannelNorm(width) if norm else nn.Identity()
-        self.injection = injection
+        self.blocks = nn.Sequential(*(ResidualBlock(dim, width) for _ in range(depth)))
+        self.injection, self.skip = injection, skip
 
     def forward(self, z: Tensor, e: Tensor) -> Tensor:
         h = self.a(z)
         if self.injection:
             h = h + e
-        return torch.tanh(self.b(torch.relu(self.norm(h))))
+        h = self.b(self.blocks(torch.relu(self.norm(h))))
+        return torch.tanh(z + h if self.skip else h)
 
 
 def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, **_: Any) -> SolverResult:
@@ -98,6 +122,8 @@ class IterativeNet(nn.Module):
         solver, tol, backward, backward_options: the DEQ's forward solver and gradient.
         norm: per-site channel norm inside the cell (:class:`ChannelNorm`).
         out_channels: channels of the head's output (2 logits per site; 1 for a regression such as Darcy).
+        block_depth: residual blocks inside the cell (:class:`Cell`), 0 for the plain two-conv cell.
+        skip: carry the state over inside the cell (``tanh(z + ...)``); needed without injection.
     """
 
     def __init__(
@@ -117,6 +143,8 @@ class IterativeNet(nn.Module):
         backward_options: dict | None = None,
         norm: bool = False,
         out_channels: int = 2,
+        block_depth: int = 0,
+        skip: bool = False,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -132,9 +160,9 @@ class IterativeNet(nn.Module):
         self.encoder = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, width, 3, padding=1))
         self.head = nn.Sequential(conv(width, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
         if kind == "feedforward":
-            self.cells = nn.ModuleList(Cell(dim, width, True, norm) for _ in range(iters))
+            self.cells = nn.ModuleList(Cell(dim, width, True, norm, block_depth, skip) for _ in range(iters))
         else:
-            self.cell = Cell(dim, width, injection, norm)
+            self.cell = Cell(dim, width, injection, norm, block_depth, skip)
         if kind == "deq":
             options = {"steps": 5, "damping": 0.8} if backward == "phantom" else {}
             options.update(backward_options or {})
@@ -199,4 +227,5 @@ def build_model(task: str, spec: dict) -> IterativeNet:
         init=spec.get("init", "zero"), init_scale=spec.get("init_scale", 1.0), iters=iters,
         solver=spec.get("solver", "anderson"), tol=spec.get("tol", 1e-4), backward=spec.get("backward", "phantom"),
         backward_options=spec.get("backward_options"), norm=spec.get("norm", False),
+        block_depth=int(spec.get("block_depth", 0)), skip=bool(spec.get("skip", False)),
     )

@@ -213,6 +213,14 @@ PAPER_AA = {"maze": {"path_independent": 1.00, "path_dependent": 0.32},
             "prefix_sums": {"path_independent": 0.99, "path_dependent": 0.62}}
 
 
+def upward_test_size(train_size: int, test_sizes: list[int]) -> int | None:
+    """The test size the upward-generalisation target is judged at: the smallest one at least
+    twice ``train_size`` (issue 9: "mazes at least twice that size"), or ``None`` if there is none.
+    Larger test sizes are still evaluated and reported beside it."""
+    twice = [s for s in test_sizes if s >= 2 * train_size]
+    return min(twice) if twice else None
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -283,14 +291,18 @@ def summarise(evals: dict[str, dict], config: dict) -> tuple[dict, dict]:
     maze_cfg = config.get("tasks", {}).get("maze")
     paper: dict[str, Any] = {}
     if maze_cfg:
-        twice = [s for s in maze_cfg["test_sizes"] if s >= 2 * maze_cfg["train_size"]]
+        size = upward_test_size(int(maze_cfg["train_size"]), [int(s) for s in maze_cfg["test_sizes"]])
         deqs = [r for r in models.values() if r["task"] == "maze" and r["kind"] == "deq"]
-        value = max((r["best_accuracy"][str(min(twice))] for r in deqs), default=float("nan")) if twice else float("nan")
-        metrics["upward_size"] = min(twice) if twice else None
+        value = max((r["best_accuracy"][str(size)] for r in deqs), default=float("nan")) if size else float("nan")
+        metrics["upward_size"] = size
+        # every test size, the target's and the larger ones alike: best DEQ accuracy over test-time budgets
+        metrics["maze_deq_best_accuracy_by_size"] = {
+            str(s): max((r["best_accuracy"][str(s)] for r in deqs), default=None) for s in maze_cfg["test_sizes"]}
         targets["maze_deq_solves_2x_size_with_more_iterations"] = target(value, 0.9, ">=")
-        if twice:
+        if size:
+            targets["maze_deq_solves_2x_size_with_more_iterations"]["size"] = size
             paper["maze_deq_accuracy_at_2x_size"] = {"issue_target": 0.9, "ours": None if math.isnan(value) else value,
-                                                     "size": min(twice), "train_size": maze_cfg["train_size"]}
+                                                     "size": size, "train_size": maze_cfg["train_size"]}
     for task, quoted in PAPER_AA.items():
         for role, value in quoted.items():
             ours = [r["aa_mean"] for r in iterative.values() if r["task"] == task and r["role"] == role]

@@ -12,6 +12,17 @@ then runs on the fraction of that budget used (or of the steps, whichever is fur
 a model stopped by the clock has still been annealed. ``augment = true`` trains mazes on random
 rotations and reflections (the 8 symmetries of the square, channels permuted to match).
 
+``progressive = alpha > 0`` adds DT-net's progressive loss ("incremental progress training",
+Bansal et al., 2022, Sec. 3): per batch, draw ``n`` in ``[0, N - 1]`` and ``k`` in ``[1, N - n]``
+(``N`` the batch's budget), run ``n`` iterations from the training initial state without a graph,
+then ``k`` plain iterations of the cell *with* backpropagation through them, and take the loss at
+the result; the batch loss is ``(1 - alpha) * main + alpha * progressive``. The model is thus
+trained to improve from its own partial solutions, not only from the initial state, which is what
+lets DT-nets keep improving with more iterations on larger mazes. For a DEQ the ``n`` iterations
+are the model's own solver with budget ``n`` (its test-time dynamics) and the ``k`` iterations are
+unrolled (the implicit gradient has no notion of "k steps"); ``progressive_k`` caps ``k`` (memory
+of the unroll).
+
 Interventions that penalise it:
 - a small fixed ``budget`` with backpropagation through the unroll (``kind = "recurrent"``), so the
   model is fit at one transient instead of at a fixed point;
@@ -80,18 +91,51 @@ def augment_maze(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tens
     return x.contiguous(), y.contiguous()
 
 
+def progressive_state(model: IterativeNet, e: Tensor, z0: Tensor, iters: int, generator: torch.Generator,
+                      max_k: int | None = None) -> tuple[Tensor, int, int]:
+    """The state of DT-net's progressive loss and its draws ``(z, n, k)``: ``n`` iterations from
+    ``z0`` without a graph (the model's solver for a DEQ), then ``k`` cell applications with one.
+
+    ``n`` is uniform in ``[0, iters - 1]`` and ``k`` in ``[1, min(iters - n, max_k)]``.
+    """
+    if not model.iterative:
+        raise ValueError("the progressive loss needs an iterative model; the feed-forward stack has none")
+    n = int(torch.randint(0, iters, (1,), generator=generator))
+    hi = iters - n if max_k is None else max(1, min(iters - n, int(max_k)))
+    k = int(torch.randint(1, hi + 1, (1,), generator=generator))
+    z = z0
+    if n > 0:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonConvergenceWarning)  # a partial solve by design
+            z, _ = model.solve(e, z0, n)
+    z = z.detach()
+    for _ in range(k):
+        z = model.cell(z, e)
+    return z, n, k
+
+
 def training_loss(model: IterativeNet, x: Tensor, y: Tensor, iters: int, memorise_init: float = 0.0,
-                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *, progressive: float = 0.0,
+                  progressive_k: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``loss_fn(head output, y)`` (default: cross-entropy per site) plus the memorise-init term,
-    and the head output of the main solve."""
+    mixed with the progressive loss (weight ``progressive``, see :func:`progressive_state`), and
+    the head output of the main solve. ``generator`` draws the progressive loss's ``n`` and ``k``."""
+    if not 0.0 <= progressive <= 1.0:
+        raise ValueError(f"progressive must be in [0, 1], got {progressive}")
     loss_fn = loss_fn or nn.functional.cross_entropy
     e = model.encoder(x)
-    z, _ = model.solve(e, model.initial_state(e, model.init), iters)
+    z0 = model.initial_state(e, model.init)
+    z, _ = model.solve(e, z0, iters)
     logits = model.head(z)
     loss = loss_fn(logits, y)
     if memorise_init > 0 and model.iterative and x.shape[0] > 1:
         z_other, _ = model.solve(e, z.detach().roll(1, 0), iters)
         loss = loss + memorise_init * loss_fn(model.head(z_other), y.roll(1, 0))
+    if progressive > 0:
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        z_prog, _, _ = progressive_state(model, e, z0, iters, generator, progressive_k)
+        loss = (1 - progressive) * loss + progressive * loss_fn(model.head(z_prog), y)
     return loss, logits
 
 
@@ -111,7 +155,9 @@ def train_model(
     (0), ``clip`` (1.0), ``warmup`` (fraction of steps, 0.05), ``budget`` (the model's ``iters``),
     ``memorise_init`` (0), ``seed`` (0), ``train_seconds`` (none: wall-clock budget; training ends at
     the budget or after ``epochs``, whichever comes first, and the cosine schedule follows whichever
-    is further along), ``augment`` (false; mazes only, see :func:`augment_maze`).
+    is further along), ``augment`` (false; mazes only, see :func:`augment_maze`), ``progressive``
+    (0: DT-net's progressive-loss weight alpha, see :func:`training_loss`) and ``progressive_k``
+    (none: cap on its unrolled steps).
     ``deadline`` (a :func:`time.time` value) stops training at once, schedule or not (the study's
     overall budget); the result then says ``"stopped_by": "deadline"``.
     ``progress(step, total, loss)`` is called every step.
@@ -134,6 +180,10 @@ def train_model(
         raise ValueError("augment=true is for mazes (2-D inputs with passage channels)")
     base_lr = float(spec.get("lr", 1e-3))
     clip, memorise = float(spec.get("clip", 1.0)), float(spec.get("memorise_init", 0.0))
+    progressive = float(spec.get("progressive", 0.0))
+    progressive_k = spec.get("progressive_k")
+    if progressive > 0 and not model.iterative:
+        raise ValueError("progressive > 0 needs an iterative model (deq or recurrent), not a feed-forward stack")
     x_all, y_all = data.x.to(device), data.y.to(device)
     history, start, step, stopped_by = [], time.perf_counter(), 0, "epochs"
 
@@ -164,7 +214,8 @@ def train_model(
                 x, y = x_all[batch], y_all[batch]
                 if augment:
                     x, y = augment_maze(x, y, gen)
-                loss, _ = training_loss(model, x, y, iters, memorise, loss_fn)
+                loss, _ = training_loss(model, x, y, iters, memorise, loss_fn, progressive=progressive,
+                                        progressive_k=progressive_k, generator=gen)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
                 optimiser.zero_grad(set_to_none=True)
