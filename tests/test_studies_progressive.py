@@ -116,3 +116,16 @@ def test_skip_cell_carries_the_state_over():
     torch.nn.init.zeros_(plain.cell.b.weight)
     torch.nn.init.zeros_(plain.cell.b.bias)
     assert torch.allclose(plain.cell(z, e), torch.zeros_like(z))  # without skip the state is overwritten
+
+
+def test_eval_solver_is_used_in_eval_mode_only():
+    from implicit.solvers import get_solver
+
+    model = build_model("maze", {"kind": "deq", "width": 4, "solver": "anderson", "eval_solver": "picard"})
+    assert model.train().deq.solver is get_solver("anderson")
+    assert model.eval().deq.solver is get_solver("picard")
+    assert model.train().deq.solver is get_solver("anderson")
+    same = build_model("maze", {"kind": "deq", "width": 4}).eval()
+    assert same.deq.solver is get_solver("anderson")
+    with pytest.raises(ValueError):
+        build_model("maze", {"kind": "deq", "eval_solver": "nope"})

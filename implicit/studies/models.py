@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit.deq import DEQ
-from implicit.solvers import SolverResult, Status
+from implicit.solvers import SolverResult, Status, get_solver
 from implicit.solvers._tree import batch_norm
 
 KINDS = ("deq", "recurrent", "feedforward")
@@ -124,6 +124,8 @@ class IterativeNet(nn.Module):
         out_channels: channels of the head's output (2 logits per site; 1 for a regression such as Darcy).
         block_depth: residual blocks inside the cell (:class:`Cell`), 0 for the plain two-conv cell.
         skip: carry the state over inside the cell (``tanh(z + ...)``); needed without injection.
+        eval_solver: the DEQ's solver in eval mode (default: ``solver``), e.g. ``"picard"``: plain
+            iteration, the dynamics a DT-net runs at test time, instead of Anderson's extrapolation.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class IterativeNet(nn.Module):
         out_channels: int = 2,
         block_depth: int = 0,
         skip: bool = False,
+        eval_solver: str | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -168,6 +171,14 @@ class IterativeNet(nn.Module):
             options.update(backward_options or {})
             self.deq = DEQ(self.cell, solver=solver, tol=tol, max_iter=iters, backward=backward,
                            backward_options=options, name=f"maze/prefix-sum {kind} cell")
+            self._solvers = (self.deq.solver, get_solver(eval_solver or solver))
+
+    def train(self, mode: bool = True) -> "IterativeNet":
+        """Switch mode; a DEQ also switches between its training and its evaluation solver."""
+        super().train(mode)
+        if self.kind == "deq":
+            self.deq.solver = self._solvers[0] if mode else self._solvers[1]
+        return self
 
     @property
     def iterative(self) -> bool:
@@ -228,4 +239,5 @@ def build_model(task: str, spec: dict) -> IterativeNet:
         solver=spec.get("solver", "anderson"), tol=spec.get("tol", 1e-4), backward=spec.get("backward", "phantom"),
         backward_options=spec.get("backward_options"), norm=spec.get("norm", False),
         block_depth=int(spec.get("block_depth", 0)), skip=bool(spec.get("skip", False)),
+        eval_solver=spec.get("eval_solver"),
     )
