@@ -41,19 +41,53 @@ def test_fixed_iterations_run_exactly_max_iter_without_warning():
 def test_implicit_gradient_matches_unrolled_autograd():
     torch.manual_seed(0)
     cfg = GETConfig(**TINY, solver="anderson", tol=1e-11, max_iter=200, backward="ift", ift_tol=1e-11,
-                    ift_max_iter=200)
+                    ift_max_iter=200, train_unroll=0)
     model = GET(cfg).double().train()
     x, target = _noise().double(), _noise(seed=2).double()
     distill_loss(model(x), target, "pseudo_huber").backward()
     implicit = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     u = model.inject(x)  # reference: plain iteration with autograd through every step
-    z = torch.zeros_like(u)
+    z = model.equilibrium.init_state(u)
     for _ in range(150):
         z = model.equilibrium(z, u)
     distill_loss(model.tokens.decode(z), target, "pseudo_huber").backward()
     for name, p in model.named_parameters():
         assert torch.allclose(implicit[name], p.grad, rtol=1e-6, atol=1e-9), name
+
+
+def test_fixed_solver_returns_the_last_of_k_plain_iterations_in_train_and_eval():
+    torch.manual_seed(0)
+    model = build_model("get", **TINY, solver="fixed", max_iter=6, train_unroll=6)
+    x = _noise()
+    with torch.no_grad():
+        u = model.inject(x)
+        z = model.equilibrium.init_state(u)
+        for _ in range(6):
+            z = model.equilibrium(z, u)
+        ref = model.tokens.decode(z)
+        out_eval = model.eval()(x)
+        iterates = model.train()(x, iterates=True)
+    assert torch.allclose(out_eval, ref, atol=1e-6)  # f^6(z0), not a lower-residual earlier iterate
+    # what training optimises is what evaluation returns (a phantom step from a solver's best
+    # iterate was not: 0.2 z5 + 0.8 f(z5) trained, z5 or earlier sampled)
+    assert torch.allclose(model.train()(x), out_eval, atol=1e-6)
+    assert iterates.shape == (6, *x.shape) and torch.allclose(iterates[-1], out_eval, atol=1e-6)
+    w = model.iterate_weights()
+    assert w.shape == (6,) and torch.isclose(w.sum(), torch.tensor(1.0)) and (w.diff() > 0).all()
+    assert model.eval().iterate_weights() is None
+
+
+def test_injection_reaches_every_equilibrium_block():
+    torch.manual_seed(0)
+    model = build_model("get", **dict(TINY, eq_depth=2), injection="every")
+    assert model.qkv_inj.out_features == 3 * 16 * 2
+    params = dict(model.named_parameters())
+    loss = model.train()(_noise(), iterates=True).square().mean()
+    loss.backward()
+    assert params["qkv_inj.weight"].grad.abs().sum() > 0  # zero at init, but it gets a gradient
+    with pytest.raises(ValueError, match="injection"):
+        build_model("get", **TINY, injection="sometimes")
 
 
 def test_class_conditioning_and_shape_errors():
@@ -215,3 +249,20 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
         ya = load_generator(tmp_path / "ddp", ema=False)(x)
         yb = load_generator(tmp_path / "one", ema=False)(x)
     assert torch.allclose(ya, yb, atol=1e-4), (ya - yb).abs().max()
+
+
+def test_experiment_trains_every_student_for_the_same_steps(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "get_distill.py"
+    spec = importlib.util.spec_from_file_location("get_distill_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for p in (mod.FULL, mod.SMALL):
+        assert "student_minutes" not in p  # no wall-clock cap that would cut one student short
+        cfgs = mod.student_configs(p, tmp_path / "pairs.h5", tmp_path, torch.device("cpu"))
+        assert set(cfgs) == {"get", "vit_5x", "vit_plain"}
+        rest = [{k: v for k, v in vars(c).items() if k not in ("out", "model", "model_options")} for c in cfgs.values()]
+        assert all(r == rest[0] for r in rest) and rest[0]["steps"] == p["steps"]
+        assert cfgs["get"].model_options["train_unroll"] == 6 and cfgs["get"].model_options["injection"] == "every"

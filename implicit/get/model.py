@@ -15,6 +15,20 @@ The equilibrium map normalises its state before use, ``f(z, u) = T(LN(z) + u)``,
 so its first iterate from ``z = 0`` is a plain transformer on ``u`` and the map
 is a contraction at initialisation (LayerNorm shrinks a state whose per-token
 spread exceeds one), which makes the fixed point well posed for the solvers.
+With ``injection="every"`` (the paper's design, the default) each equilibrium
+block also gets its own linear projection of ``u`` added to its query/key/value,
+so the noise reaches every layer of every iteration instead of only the entry.
+
+Training follows the paper by default (``train_unroll=6``): the map is iterated
+6 times from ``z = 0`` with autograd through every step and the loss is put on the
+decoded output of every iterate, weighted ``gamma**(K-1-k)`` (fixed-point
+correction; :meth:`GET.iterate_weights`). The earlier default, a no-grad solve and
+a one-step phantom gradient, trained a 1.8M-parameter GET far worse than a ViT of
+the same size (experiments/results/get_distill.json); ``train_unroll=0`` keeps it.
+``solver="fixed"`` runs exactly ``max_iter`` plain iterations and returns the last
+one, ``f^K(z0)``, the same map training saw; the backend's solvers return each
+sample's lowest-residual *input* iterate, which for a fixed count is at most
+``f^(K-1)(z0)`` and so not what unrolled training optimised.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..deq import DEQ
-from ..solvers import NonConvergenceWarning, SolverResult
+from ..solvers import NonConvergenceWarning, SolverResult, Status
 
 __all__ = ["GETConfig", "ViTConfig", "GET", "ViT", "build_model", "count_params"]
 
@@ -65,6 +79,14 @@ class GETConfig(_Common):
     ``solver`` is ``"fixed"`` (plain iteration, ``max_iter`` steps, never warns) or a backend
     solver name (``"anderson"``, ``"broyden"``, ``"picard"``) run to ``tol``; ``backward`` is
     ``"phantom"`` (``phantom_steps`` damped steps) or ``"ift"`` (exact implicit gradient).
+
+    ``injection``: ``"every"`` adds a per-block projection of the injection to each equilibrium
+    block's query/key/value (the paper's design), ``"input"`` only adds it to the state at the
+    map's entry. ``train_unroll`` > 0: in training, iterate the map that many times from ``z0``
+    with autograd through every step, the loss on every decoded iterate weighted
+    ``iterate_gamma ** (K - 1 - k)`` (``iterate_gamma=0``: the last only); the solver and
+    ``backward`` then serve evaluation only. ``train_unroll=0``: train through the solve and
+    ``backward``.
     """
 
     inj_depth: int = 2
@@ -79,6 +101,19 @@ class GETConfig(_Common):
     ift_tol: float = 1e-6
     ift_max_iter: int = 60
     solver_options: dict = dataclasses.field(default_factory=dict)
+    injection: str = "every"
+    train_unroll: int = 6
+    iterate_gamma: float = 0.8
+
+    def check(self) -> None:
+        super().check()
+        if self.injection not in ("every", "input"):
+            raise ValueError(f'injection must be "every" or "input", got "{self.injection}"')
+        if self.train_unroll < 0 or not 0 <= self.iterate_gamma <= 1:
+            raise ValueError(f"need train_unroll >= 0 and iterate_gamma in [0, 1], got "
+                             f"{self.train_unroll}, {self.iterate_gamma}")
+        if self.solver == "fixed" and self.max_iter < 1:
+            raise ValueError(f"solver fixed needs max_iter >= 1, got {self.max_iter}")
 
 
 class Block(nn.Module):
@@ -94,9 +129,12 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, qkv_inject: Tensor | None = None) -> Tensor:
         B, N, D = h.shape
-        q, k, v = self.qkv(self.norm1(h)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.norm1(h))
+        if qkv_inject is not None:
+            qkv = qkv + qkv_inject
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
         h = h + self.proj(a)
         return h + self.mlp(self.norm2(h))
@@ -154,20 +192,26 @@ class ViT(nn.Module):
 
 
 class _Equilibrium(nn.Module):
-    """The weight-tied map ``f(z, u) = T(LN(z) + u)`` the DEQ layer solves."""
+    """The weight-tied map ``f(z, u) = T(LN(z) + u)`` the DEQ layer solves.
+
+    ``u`` is the injection; with ``injection="every"`` it also carries, after the first ``dim``
+    channels, each block's query/key/value injection (see :meth:`GET.inject`), computed once.
+    """
 
     def __init__(self, cfg: GETConfig):
         super().__init__()
+        self.dim, self.every = cfg.dim, cfg.injection == "every"
         self.norm = nn.LayerNorm(cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.eq_depth))
 
     def init_state(self, u: Tensor) -> Tensor:
-        return torch.zeros_like(u)
+        return u.new_zeros(*u.shape[:-1], self.dim)
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        h = self.norm(z) + u
-        for blk in self.blocks:
-            h = blk(h)
+        h = self.norm(z) + u[..., :self.dim]
+        inj = u[..., self.dim:].chunk(len(self.blocks), dim=-1) if self.every else [None] * len(self.blocks)
+        for blk, q in zip(self.blocks, inj):
+            h = blk(h, q)
         return h
 
 
@@ -180,12 +224,18 @@ class GET(nn.Module):
 
     def __init__(self, cfg: GETConfig):
         super().__init__()
+        cfg.check()
         if cfg.backward not in ("phantom", "ift", "jfb", "unrolled"):
             raise ValueError(f'backward must be "phantom", "ift", "jfb" or "unrolled", got "{cfg.backward}"')
         self.cfg = cfg
         self.tokens = _Tokens(cfg)
         self.injection = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.inj_depth))
         self.inj_norm = nn.LayerNorm(cfg.dim)
+        # per-block q/k/v injections, zero at init so the map starts as the "input" design
+        self.qkv_inj = nn.Linear(cfg.dim, 3 * cfg.dim * cfg.eq_depth) if cfg.injection == "every" else None
+        if self.qkv_inj is not None:
+            nn.init.zeros_(self.qkv_inj.weight)
+            nn.init.zeros_(self.qkv_inj.bias)
         self.equilibrium = _Equilibrium(cfg)
         fixed = cfg.solver == "fixed"
         if cfg.backward == "phantom":
@@ -207,24 +257,70 @@ class GET(nn.Module):
         )
 
     def inject(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """The injection ``u``: the noise tokens through the injection transformer, computed once."""
+        """The injection ``u``: the noise tokens through the injection transformer, computed once
+        (with ``injection="every"``, followed on the last axis by the blocks' q/k/v injections)."""
         h = self.tokens.encode(x, y)
         for blk in self.injection:
             h = blk(h)
-        return self.inj_norm(h)
+        u = self.inj_norm(h)
+        return u if self.qkv_inj is None else torch.cat([u, self.qkv_inj(h)], dim=-1)
 
-    def solve(self, x: Tensor, y: Tensor | None = None, *, max_iter: int | None = None) -> tuple[Tensor, SolverResult]:
+    def iterate_weights(self) -> Tensor | None:
+        """Loss weights of the decoded iterates ``forward(..., iterates=True)`` returns in training
+        (summing to one), or ``None`` when training does not supervise iterates."""
+        k = self.cfg.train_unroll
+        if not self.training or k == 0:
+            return None
+        g = self.cfg.iterate_gamma
+        w = torch.tensor([g ** (k - 1 - i) if g > 0 else float(i == k - 1) for i in range(k)])
+        return w / w.sum()
+
+    def _plain(self, u: Tensor, steps: int, keep: bool) -> tuple[list[Tensor], SolverResult]:
+        """``steps`` plain iterations from ``z0``; every iterate if ``keep``, else the last; with the
+        residual of the last step, ``||z_K - z_{K-1}||`` (relative to ``||z_K||``)."""
+        f = self.equilibrium
+        z = f.init_state(u)
+        out = []
+        for _ in range(steps):
+            prev, z = z, f(z, u)
+            if keep:
+                out.append(z)
+        out = out if keep else [z]
+        with torch.no_grad():
+            r = torch.linalg.vector_norm((z - prev).flatten(1).float(), dim=1)
+            rel = r / (torch.linalg.vector_norm(z.flatten(1).float(), dim=1) + 1e-12)
+            n = torch.full_like(r, steps, dtype=torch.long)
+            converged = rel <= self.cfg.tol
+            status = torch.where(converged, Status.CONVERGED, Status.MAX_ITER).to(torch.int8)
+        return out, SolverResult(z=z, residual=r, rel_residual=rel, n_iter=n, converged=converged, status=status)
+
+    def solve(self, x: Tensor, y: Tensor | None = None, *, max_iter: int | None = None,
+              iterates: bool = False) -> tuple[Tensor, SolverResult]:
+        """The image (or, with ``iterates``, every decoded iterate stacked on a new first axis) and
+        the solve's :class:`SolverResult`. In training with ``train_unroll`` > 0, the unrolled
+        iterates; with ``solver="fixed"``, exactly ``max_iter`` plain iterations (``eval_max_iter``
+        in eval); otherwise the backend's solver and the configured backward."""
+        cfg = self.cfg
         u = self.inject(x, y)
-        if self.cfg.solver == "fixed":
+        if self.training and cfg.train_unroll > 0:
+            zs, result = self._plain(u, max_iter or cfg.train_unroll, keep=iterates)
+        elif cfg.solver == "fixed" and not (self.training and torch.is_grad_enabled()):
+            steps = max_iter or (cfg.max_iter if self.training else cfg.eval_max_iter or cfg.max_iter)
+            zs, result = self._plain(u, steps, keep=iterates)
+        elif cfg.solver == "fixed":
             with warnings.catch_warnings():  # a fixed iteration count stops above tolerance by design
                 warnings.simplefilter("ignore", NonConvergenceWarning)
                 z, result = self.deq(u, max_iter=max_iter)
+            zs = [z]
         else:
             z, result = self.deq(u, max_iter=max_iter)
-        return self.tokens.decode(z), result
+            zs = [z]
+        if iterates:
+            return torch.stack([self.tokens.decode(z) for z in zs]), result
+        return self.tokens.decode(zs[-1]), result
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.solve(x, y)[0]
+    def forward(self, x: Tensor, y: Tensor | None = None, *, iterates: bool = False) -> Tensor:
+        return self.solve(x, y, iterates=iterates)[0]
 
 
 def build_model(kind: str, **options: Any) -> nn.Module:

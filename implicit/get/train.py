@@ -1,6 +1,8 @@
 """Offline distillation: fit a one-step generator to a teacher's noise/image pairs.
 
-Loss on ``generator(x_T)`` vs the teacher's image (L1 or pseudo-Huber), AdamW with
+Loss on ``generator(x_T)`` vs the teacher's image (L1 or pseudo-Huber; for a GET trained
+through unrolled iterations, on every decoded iterate with the model's
+:meth:`~implicit.get.model.GET.iterate_weights`, the history logging the last iterate's), AdamW with
 a linear warm-up, an exponential moving average of the weights, and atomic
 checkpoints. The batch of step ``s`` is drawn from a generator seeded with
 ``(seed, s)``, so a run resumed from a checkpoint takes exactly the steps an
@@ -185,9 +187,17 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
         idx = _batch_indices(cfg.seed, step, len(noise), cfg.batch_size)[rank * local:(rank + 1) * local].to(device)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
+        weights = model.iterate_weights() if hasattr(model, "iterate_weights") else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            pred = net(noise[idx], None if label is None else label[idx])
-        loss = distill_loss(pred.float(), image[idx], cfg.loss, cfg.huber_c)
+            if weights is None:
+                pred = net(noise[idx], None if label is None else label[idx])
+            else:  # every decoded iterate, (K, B, C, H, W)
+                pred = net(noise[idx], None if label is None else label[idx], iterates=True)
+        if weights is None:
+            loss = logged = distill_loss(pred.float(), image[idx], cfg.loss, cfg.huber_c)
+        else:  # fixed-point correction: weighted losses of all iterates; the history logs the last one's
+            losses = torch.stack([distill_loss(p.float(), image[idx], cfg.loss, cfg.huber_c) for p in pred])
+            loss, logged = (weights.to(losses) * losses).sum(), losses[-1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -200,7 +210,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
             for be, bm in zip(ema.buffers(), model.buffers()):
                 be.copy_(bm)
         step += 1
-        history.append(float(loss.detach()))  # one sync per step: cheap next to a transformer step
+        history.append(float(logged.detach()))  # one sync per step: cheap next to a transformer step
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(history[-50:]) / 50:.4f}")
