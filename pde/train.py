@@ -70,7 +70,8 @@ class TrainConfig:
     depth: int = 1  # fno, fno++: blocks of 3 Fourier layers
     iterations: int = 8  # ifno: applications of the tied block
     padding: float = 0.1
-    norm: str = "none"  # none (paper, Darcy) | instance_norm (paper, Navier-Stokes) | group_norm
+    # none (paper, Darcy; FNO-DEQ on NS too) | instance_norm (paper, NS; FNO-DEQ: no fixed point) | group_norm
+    norm: str = "none"
     solver: str = "anderson"
     tol: float = 1e-6
     max_iter: int = 32
