@@ -17,8 +17,9 @@ run cut off by a time limit still leaves every finished stage on disk:
    sampler, and sliding windows (Picard on the anchored chain): the shared-loop window
    (``window32_loop``, last run's configuration), the compact window (CUDA-graphed rounds on
    window-sized buffers) with the uniform relative tolerance, and the compact window with
-   ParaDiGMS's per-step tolerance (RMS change <= tol * sigma_k); seconds, max abs error to our
-   float32 sequential sample and to the float64 one, rounds, model evaluations.
+   ParaDiGMS's per-step tolerance (RMS change <= tol * sigma_k), and the compact window with
+   ``clip_slope`` (the anchored coefficient where x0 clips; at tol and tol/10); seconds, max abs
+   error to our float32 sequential sample and to the float64 one, rounds, model evaluations.
 3. The same at T in {50, 100, 250}, windows smaller than T only; Anderson at T <= 100.
 4. Throughput (images/s) at batch 16, T=100.
 5. Anderson on the whole trajectory at T in {250, 1000}, if time is left (it did not converge
@@ -54,7 +55,8 @@ def diffusers_loop(unet, scheduler, x_T, K):
     return x
 
 
-def variants(T: int, windows: list[int], tol: float, ptols: list[float], loop_window: int | None) -> list:
+def variants(T: int, windows: list[int], tol: float, ptols: list[float], loop_window: int | None,
+             clip_slopes: tuple[float, ...] = ()) -> list:
     """(name, deq_ddim options) of the parallel samplers compared at ``T``."""
     out = []
     if loop_window is not None and loop_window <= T:
@@ -66,6 +68,10 @@ def variants(T: int, windows: list[int], tol: float, ptols: list[float], loop_wi
         for pt in ptols:
             out.append((f"window{w}_paradigms{pt:g}_compact",
                         dict(method="window", window=w, tol=pt, noise_tol=True, compact=True)))
+        for c in clip_slopes:  # the anchored coefficient where x0 clips (DDIMStep's clip_slope)
+            for t in (tol, tol / 10):
+                out.append((f"window{w}_clipslope{c:g}_tol{t:g}_compact",
+                            dict(method="window", window=w, tol=t, compact=True, clip_slope=c)))
     return out
 
 
@@ -135,6 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--windows", default="8,16,32", help="compact sliding-window sizes to compare")
     p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the parallel solves")
     p.add_argument("--paradigms-tols", default="0.1,0.005", help="ParaDiGMS per-step tolerances (x sigma_k)")
+    p.add_argument("--clip-slopes", default="0.5",
+                   help="deq_ddim clip_slope values for the compact window at tol and tol/10 ('' for none)")
     p.add_argument("--inversion-s", type=float, default=30.0, help="time cap of DEQ inversion (backprop: 2.5x)")
     p.add_argument("--out", default="experiments/results")
     a = p.parse_args(argv)
@@ -144,6 +152,7 @@ def main(argv=None) -> None:
     Ts = (run.Tmax, 10) if a.small else (run.Tmax, 50, 100, 250)  # the target T first
     windows = [int(w) for w in a.windows.split(",")] if not a.small else [4, 8]
     ptols = [float(t) for t in a.paradigms_tols.split(",") if t]
+    clip_slopes = tuple(float(c) for c in a.clip_slopes.split(",") if c)
 
     # 0. the model: a CIFAR-size UNet trained briefly here (or a given folder)
     if a.teacher is None:
@@ -162,7 +171,8 @@ def main(argv=None) -> None:
     run.config = {"unet_params": sum(q.numel() for q in unet.parameters()), "unet": "tiny" if a.small else "cifar size",
                   "weights": "trained here on digits (3 channels)" if a.teacher is None else "given",
                   "teacher": str(folder), "teacher_steps": None if a.teacher else (30 if a.small else a.teacher_steps),
-                  "Ts": list(Ts), "windows": windows, "tol": a.tol, "paradigms_tols": ptols, "dtype": "float32",
+                  "Ts": list(Ts), "windows": windows, "tol": a.tol, "paradigms_tols": ptols,
+                  "clip_slopes": list(clip_slopes), "dtype": "float32",
                   "batch": 1, "scheduler": dict(scheduler.config), "small": a.small, "budget_s": a.budget_s}
     graph = dev.type == "cuda"
     if graph:  # CUDA graphs need a capturable UNet forward; fall back (and say so) if not
@@ -206,7 +216,8 @@ def main(argv=None) -> None:
             row["graph_sequential_ms_per_step"] = 1e3 * s / T
             seq64 = ddim(eps64, x_T.double(), schedule, T, graph=graph)  # graphed: a few seconds at T=1000
             row["float32_roundoff_floor"] = float((seq.double() - seq64).abs().max())
-            runs = variants(T, windows, a.tol, ptols, 32 if T == Ts[0] and not a.small else None)
+            runs = variants(T, windows, a.tol, ptols, 32 if T == Ts[0] and not a.small else None,
+                            clip_slopes if T == Ts[0] else ())
             if T <= 100:
                 runs.append(("deq_anderson", dict(method="anderson", max_iter=min(2 * T, 100))))
             for name, kw in runs:

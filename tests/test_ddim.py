@@ -123,6 +123,31 @@ def test_window_with_noise_tolerance_equals_sequential(teacher, tol, limit):
         deq_ddim(eps, x_T, schedule, K, method="anderson", noise_tol=True)
 
 
+@pytest.mark.parametrize("dtype,tol,limit", [(torch.float32, 1e-6, 1e-4), (torch.float64, 1e-12, 1e-8)])
+def test_clip_slope_window_equals_sequential(teacher, dtype, tol, limit):
+    """clip_slope changes only the anchored form's coefficient where x0 clips: the same sample."""
+    net = copy.deepcopy(teacher[2]).to(dtype)
+    eps, schedule, K = UNetEps(net), teacher[1], 50  # clip_sample=True
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    seq = ddim(eps, x_T, schedule, K)
+    with torch.no_grad():
+        for compact in (False, True):
+            par, result = deq_ddim(eps, x_T, schedule, K, method="window", window=10, tol=tol, compact=compact,
+                                   clip_slope=0.5)
+            assert result.converged.all(), result.summary()
+            assert (par - seq).abs().max() <= limit
+    from implicit.diffusion import DDIMStep
+    x = 3 * torch.randn(4, 1, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    k = torch.tensor([0, 1, 2, 3])
+    out0, a0 = DDIMStep(eps, schedule, K, dtype=dtype, with_linear=True)(x, k)
+    out1, a1 = DDIMStep(eps, schedule, K, dtype=dtype, with_linear=True, clip_slope=0.5)(x, k)
+    clipped = a0 == 0  # epsilon prediction: the default coefficient is 0 exactly where x0 clips
+    assert clipped.any() and torch.equal(out0, out1) and torch.equal(a0[~clipped], a1[~clipped])
+    assert (a1[clipped] > 0).all()
+    with pytest.raises(ValueError, match="anchored"):
+        deq_ddim(eps, x_T, schedule, K, method="window", anchored=False, clip_slope=0.5)
+
+
 def test_implicit_gradient_wrt_x_T_equals_autograd_through_chain():
     net = tiny_unet().double()
     eps, schedule, K = UNetEps(net), DDIMSchedule.create(clip_sample=False), 15

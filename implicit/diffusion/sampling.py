@@ -31,12 +31,22 @@ class DDIMStep:
     Step ``k`` goes from timestep ``t_k`` to the next DDIM timestep, as diffusers'
     ``DDIMScheduler.step`` does (``use_clipped_model_output=False``); ``noise`` rows are
     added with scale ``sigma_k`` when ``eta > 0``.
+
+    ``clip_slope`` (with ``with_linear``) sets the linear coefficient where ``clip_sample``
+    clips ``x0``: there ``x0`` is a constant, so the update moves with ``x`` only through the
+    noise estimate, and the coefficient with the model output held fixed is ``dir`` times the
+    noise estimate's own dependence on ``x`` (0 for epsilon prediction). ``clip_slope = c``
+    moves it a fraction ``c`` of the way to ``dir / sqrt(1 - alpha_bar)``, the slope if the model's
+    denoised estimate stood still while ``x`` moved (the noise estimate then moves as
+    ``x / sqrt(1 - alpha_bar)``). The solution is the same for any ``c``; only the rounds of a
+    parallel solve change (see :func:`deq_ddim`).
     """
 
     def __init__(self, eps: EpsFn, schedule: DDIMSchedule, n_steps: int, eta: float = 0.0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", with_linear: bool = False):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", with_linear: bool = False,
+                 clip_slope: float = 0.0):
         self.eps, self.schedule, self.n_steps, self.eta = eps, schedule, int(n_steps), float(eta)
-        self.with_linear = with_linear
+        self.with_linear, self.clip_slope = with_linear, float(clip_slope)
         self.c = schedule.coefficients(n_steps, eta, dtype, torch.device(device))
 
     def predict(self, x: Tensor, k: Tensor, clip: bool = True) -> tuple[Tensor, Tensor]:
@@ -87,9 +97,14 @@ class DDIMStep:
         sa, s1 = self.c["sqrt_a"][k].view(view), self.c["sqrt_1ma"][k].view(view)
         cx0, ce = {"epsilon": (1 / sa, 0.0), "v_prediction": (sa, s1), "sample": (0.0, 1 / s1)}[
             self.schedule.prediction_type]
+        a = sap * cx0 + d * ce
         if self.schedule.clip_sample:
-            cx0 = cx0 * (x0.abs() < self.schedule.clip_sample_range).to(x.dtype)
-        return out, (sap * cx0 + d * ce).expand_as(x).detach()
+            clipped = x0.abs() >= self.schedule.clip_sample_range
+            a_clip = d * ce  # x0 is constant where clipped
+            if self.clip_slope != 0.0:
+                a_clip = (1 - self.clip_slope) * a_clip + self.clip_slope * d / s1
+            a = torch.where(clipped, a_clip, a)
+        return out, a.expand_as(x).detach()
 
 
 def noise_tol_scale(schedule: DDIMSchedule, n_steps: int, numel: int, dtype: torch.dtype = torch.float32,
@@ -136,9 +151,10 @@ def _cached(eps, key, make):
     return cache[key]
 
 
-def _stepper(eps, schedule, n_steps, eta, x, with_linear: bool = False) -> DDIMStep:
-    key = ("step", id(schedule), n_steps, eta, x.dtype, x.device, with_linear)
-    return _cached(eps, key, lambda: DDIMStep(eps, schedule, n_steps, eta, x.dtype, x.device, with_linear))
+def _stepper(eps, schedule, n_steps, eta, x, with_linear: bool = False, clip_slope: float = 0.0) -> DDIMStep:
+    key = ("step", id(schedule), n_steps, eta, x.dtype, x.device, with_linear, float(clip_slope))
+    return _cached(eps, key, lambda: DDIMStep(eps, schedule, n_steps, eta, x.dtype, x.device, with_linear,
+                                              clip_slope))
 
 
 def ddim(
@@ -204,6 +220,7 @@ def deq_ddim(
     chunk: int | None = None,
     init: Tensor | None = None,
     anchored: bool = True,
+    clip_slope: float = 0.0,
     graph: bool = False,
     backward: str | Callable[..., Tensor] | None = "ift",
     backward_options: dict | None = None,
@@ -228,6 +245,18 @@ def deq_ddim(
     there ``backward="jfb"`` is DEQ-DDIM's one-step gradient. ``False``: the plain map
     ``x_{k+1} = step(x_k)``, which Picard needs about ``K`` rounds for.
 
+    ``clip_slope`` (anchored only; see :class:`DDIMStep`): the coefficient of ``x_k`` used where
+    ``clip_sample`` clips the predicted ``x0``. The default 0 treats those pixels as not
+    depending on ``x_k`` (the model output held fixed), so in the high-noise steps, where most
+    pixels clip, the anchored solve falls back to plain Picard (about one step a round).
+    Their true slope is near ``dir_k / sqrt(1 - alpha_bar_k)`` (0.75-0.95 of it on the diagonal,
+    measured on a small trained teacher). On a 16x16 digits teacher at T=1000 (3 draws of
+    ``x_T``), ``clip_slope=0.5`` at tol 3e-5 against the default at tol 1e-4 (errors to the
+    float64 sequential sample 4e-4 to 3e-3 for both) took window 32 from 278-450 to 171-221
+    rounds and window 8 from 379-482 to 316-357. Larger values can diverge inside a wide
+    window (0.6 at window 32: 765 rounds instead of 171), and the safe value is model-dependent.
+    The sample is the same fixed point for any value.
+
     Returns:
         ``(x_0, result)``: the sample (B, C, H, W) and the :class:`SolverResult`, whose ``z`` is
         the trajectory (B, K, C, H, W) and whose ``n_iter`` counts parallel rounds per sample.
@@ -235,7 +264,9 @@ def deq_ddim(
     _check(x_T, eta, noise, n_steps)
     if eta > 0 and noise is None:
         noise = make_noise(x_T, n_steps, generator)
-    step = _stepper(eps, schedule, n_steps, eta, x_T, with_linear=anchored)
+    if clip_slope != 0.0 and not anchored:
+        raise ValueError("clip_slope applies to anchored=True only")
+    step = _stepper(eps, schedule, n_steps, eta, x_T, with_linear=anchored, clip_slope=clip_slope)
     if noise_tol:
         if method != "window":
             raise ValueError(f'noise_tol=True applies to method="window" only, got method="{method}"')
