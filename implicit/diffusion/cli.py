@@ -192,8 +192,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--window", type=int, default=None)
     s.add_argument("--chunk", type=int, default=None, help="most states per model call")
     s.add_argument("--clip-slope", type=float, default=0.0,
-                   help="deq/window: the anchored coefficient where x0 clips (deq_ddim's clip_slope; 0.5 cut rounds "
-                        "1.2-2x on a small teacher at T=1000; larger can diverge in wide windows)")
+                   help="deq/window: the anchored coefficient where x0 clips (deq_ddim's clip_slope; 0.5 with a "
+                        "10-100x tighter --tol cut rounds 1.2-2x on small teachers at T=1000; larger can diverge)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/samples")
     s.add_argument("--device", default=None)

@@ -250,11 +250,14 @@ def deq_ddim(
     depending on ``x_k`` (the model output held fixed), so in the high-noise steps, where most
     pixels clip, the anchored solve falls back to plain Picard (about one step a round).
     Their true slope is near ``dir_k / sqrt(1 - alpha_bar_k)`` (0.75-0.95 of it on the diagonal,
-    measured on a small trained teacher). On a 16x16 digits teacher at T=1000 (3 draws of
-    ``x_T``), ``clip_slope=0.5`` at tol 3e-5 against the default at tol 1e-4 (errors to the
-    float64 sequential sample 4e-4 to 3e-3 for both) took window 32 from 278-450 to 171-221
-    rounds and window 8 from 379-482 to 316-357. Larger values can diverge inside a wide
-    window (0.6 at window 32: 765 rounds instead of 171), and the safe value is model-dependent.
+    measured on a small trained teacher). Its accepted states sit farther from the answer at
+    equal ``tol``, so give it a 10-100x tighter ``tol``. CPU, T=1000, 16x16 digits teachers,
+    errors to the float64 sequential sample 2e-4 to 3e-3 for both: the ``tiny`` UNet (3 draws
+    of ``x_T``; default at tol 1e-4, 0.5 at 3e-5) went from 278-450 to 171-221 rounds at window
+    32 and from 379-482 to 316-357 at window 8; the ``small`` UNet (default at 1e-4, 0.5 at
+    1e-6) from 503 to 287 (window 32), 526 to 359 (16) and 581 to 477 (8). Larger values can
+    diverge inside a wide window (0.6 at window 32: 765 rounds instead of 171), and the safe
+    value is model-dependent.
     The sample is the same fixed point for any value.
 
     Returns:
