@@ -222,6 +222,24 @@ def test_inversion_lowers_reconstruction_mse(teacher, method, backward):
     assert all(t2 >= t1 for (t1, _), (t2, _) in zip(res.history, res.history[1:]))
 
 
+def test_inversion_returns_the_best_evaluated_iterate():
+    """Adam with a step far too large overshoots the DDIM-inversion start: the result is still the best x_T."""
+    schedule = DDIMSchedule.create(clip_sample=False)
+
+    def eps(x, t):
+        return 0.1 * torch.tanh(x) * (t[:, None, None, None] / 1000.0)
+
+    target = ddim(eps, torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+                  schedule, 10)
+    res = invert(eps, target, schedule, 10, method="backprop", iters=6, lr=3.0)
+    mses = [m for _, m in res.history]
+    assert mses[-1] > min(mses)  # the last iterate is worse: the overshoot this test is about
+    assert float(res.mse.mean()) <= min(mses) + 1e-12
+    rec = ddim(eps, res.x_T, schedule, 10)  # x_T, reconstruction and mse belong together
+    assert torch.allclose(rec, res.reconstruction)
+    assert torch.allclose(((rec - target) ** 2).flatten(1).mean(1), res.mse)
+
+
 def test_inversion_stops_at_its_time_cap(teacher):
     eps, schedule = teacher[0], teacher[1]
     target = ddim(eps, torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)), schedule, 10)

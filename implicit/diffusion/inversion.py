@@ -34,7 +34,9 @@ INVERSION_METHODS = ("deq", "backprop", "ddim")
 @dataclass
 class InversionResult:
     """Recovered ``x_T`` (B, C, H, W), its exact sequential reconstruction, per-sample MSE, and
-    ``history``: ``(seconds, mean MSE)`` pairs, the time excluding the untimed evaluations."""
+    ``history``: ``(seconds, mean MSE)`` pairs of the optimiser's current iterate, the time excluding
+    the untimed evaluations. ``x_T`` is, per sample, the evaluated iterate with the lowest MSE: Adam on
+    ``x_T`` can overshoot after its best point, and a user wants the best inversion, not the last."""
 
     x_T: Tensor
     reconstruction: Tensor
@@ -140,6 +142,14 @@ def invert(
     stats = {"rounds": []}
     if method == "ddim":
         return InversionResult(x, rec, mse, method, history, stats)
+    best = [x.clone(), rec, mse]  # per sample: the evaluated x_T with the lowest MSE so far
+
+    def keep_best(x_now, rec_now, mse_now):
+        better = mse_now < best[2]
+        view = (-1,) + (1,) * (x_now.dim() - 1)
+        best[0] = torch.where(better.view(view), x_now, best[0])
+        best[1] = torch.where(better.view(view), rec_now, best[1])
+        best[2] = torch.where(better, mse_now, best[2])
 
     x = x.requires_grad_()
     opt = torch.optim.Adam([x], lr=lr)
@@ -166,6 +176,7 @@ def invert(
         out_of_time = max_seconds is not None and elapsed >= max_seconds
         if (i + 1) % eval_every == 0 or i == iters - 1 or out_of_time:
             rec, mse = exact(x.detach())
+            keep_best(x.detach(), rec, mse)
             history.append((elapsed, float(mse.mean())))
             if callback is not None:
                 callback(i, history[-1][1])
@@ -173,8 +184,9 @@ def invert(
                 break
         if out_of_time:
             break
-    rec, mse = exact(x.detach())
-    return InversionResult(x.detach(), rec, mse, method, history, stats)
+    if history[-1][0] != elapsed:  # the last iterate was not evaluated in the loop
+        keep_best(x.detach(), *exact(x.detach()))
+    return InversionResult(best[0], best[1], best[2], method, history, stats)
 
 
 def _deq_loss(eps, x, target, schedule, n_steps, traj, backward, solver, tol, max_iter, chunk, graph, options):
