@@ -231,25 +231,36 @@ def iterate(
 
 
 def _capture(loop: _Loop) -> "torch.cuda.CUDAGraph":
-    """Record one block of ``loop`` as a CUDA graph, after a warm-up on a side stream."""
-    saved = [t.clone() for t in _state_tensors(loop)]
+    """Record one block of ``loop`` as a CUDA graph."""
+    return capture_graph(loop.iteration, loop.block, _state_tensors(loop), "the solver loop", "f")
+
+
+def capture_graph(body: Callable[[], None], repeats: int, state: list[Tensor], what: str,
+                  fn_name: str) -> "torch.cuda.CUDAGraph":
+    """Record ``repeats`` calls of ``body`` as one CUDA graph, after one warm-up call on a side stream.
+
+    The warm-up makes lazy initialisation (cuBLAS handles, FFT plans) happen outside the capture;
+    ``state``, the tensors ``body`` updates in place, is restored after it. ``what`` and ``fn_name``
+    name the captured work and the user's function in the error raised when capture fails.
+    """
+    saved = [t.clone() for t in state]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        loop.iteration()  # warm-up: lazy initialisation (cuBLAS handles, FFT plans) happens here
+        body()
     torch.cuda.current_stream().wait_stream(stream)
-    for t, s in zip(_state_tensors(loop), saved):
-        t.copy_(s)
+    for t, v in zip(state, saved):
+        t.copy_(v)
     cuda_graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(cuda_graph):
-            for _ in range(loop.block):
-                loop.iteration()
+            for _ in range(repeats):
+                body()
     except RuntimeError as err:
         raise RuntimeError(
-            "graph=True could not capture the solver loop as a CUDA graph; f must not sync "
-            "with the host (.item(), boolean indexing, printing tensors) or change shapes. "
-            "Use graph=False for such f."
+            f"graph=True could not capture {what} as a CUDA graph; {fn_name} must not sync "
+            f"with the host (.item(), boolean indexing, printing tensors) or change shapes. "
+            f"Use graph=False for such {fn_name}."
         ) from err
     return cuda_graph
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._loop import capture_graph
 from ._result import SolverResult, Status
 from .recurrence import _call_step, _split, scaled_scan
 
@@ -127,7 +128,8 @@ class WindowRounds:
                 self.round()
             return
         if self.graph is None:
-            self.graph = _capture(self, n)
+            state = [self.traj, self.s, self.frontier, self.rounds, self.residual, self.rel_residual]
+            self.graph = capture_graph(self.round, n, state, "a compact window round", "step")
         self.graph.replay()
 
     def result(self) -> SolverResult:
@@ -140,29 +142,6 @@ class WindowRounds:
         status[~finite] = int(Status.NONFINITE)
         return SolverResult(z=z, residual=self.residual.clone(), rel_residual=self.rel_residual.clone(),
                             n_iter=self.rounds.clone(), converged=done & finite, status=status)
-
-
-def _capture(rounds: WindowRounds, n: int) -> "torch.cuda.CUDAGraph":
-    """Record ``n`` rounds as a CUDA graph after one warm-up round on a side stream (state restored)."""
-    state = [rounds.traj, rounds.s, rounds.frontier, rounds.rounds, rounds.residual, rounds.rel_residual]
-    saved = [t.clone() for t in state]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        rounds.round()  # lazy cuBLAS/cuDNN initialisation happens here, outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    for t, v in zip(state, saved):
-        t.copy_(v)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                rounds.round()
-    except RuntimeError as err:
-        raise RuntimeError("compact window with graph=True could not capture a round as a CUDA graph; step "
-                           "must not sync with the host (.item(), boolean indexing) or change shapes. "
-                           "Use graph=False for such a step.") from err
-    return graph
 
 
 def solve_window(step, x0: Tensor, K: int, w: int, *, inputs, linear, init, tol: Tensor, rel: bool, fill: bool,

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ._loop import capture_graph
+
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -28,6 +30,7 @@ class _GraphedStep:
         self.k = torch.zeros(1, dtype=torch.long, device=x0.device)
         self.step, self.B = step, B
 
+        @torch.no_grad()
         def one() -> None:
             kk = self.k.expand(self.B)
             if self.inputs is None:
@@ -39,14 +42,8 @@ class _GraphedStep:
             self.x.copy_(y)
             self.k.add_(1)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            one()  # warm-up outside the capture (lazy cuBLAS/cuDNN initialisation)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            one()
+        # run() resets x and k before every replay, so the warm-up call needs no state restored
+        self.graph = capture_graph(one, 1, [], "a sequential step", "step")
 
     def run(self, x0: Tensor, inputs: Tensor | None, K: int) -> Tensor:
         self.x.copy_(x0)
