@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,8 @@ class DEQ(nn.Module):
         solver: name in :data:`implicit.solvers.SOLVERS` or a solver function.
         tol, max_iter, stop_mode: forward solve tolerance, iteration limit and criterion.
         eval_max_iter: iteration limit in eval mode (default: ``max_iter``).
+        eval_solver: solver in eval mode (default: ``solver``), e.g. ``"picard"`` to evaluate
+            a model trained with Anderson by plain iteration; ``solver_options`` go to both.
         solver_options: extra options for the solver (``m``, ``beta``, ``check_every``, ``graph``...).
         backward: gradient strategy name; backward_options: its options
             (``ift``: ``solver``, ``tol``, ``max_iter``; ``phantom``: ``steps``, ``damping``...).
@@ -52,6 +54,7 @@ class DEQ(nn.Module):
         max_iter: int = 30,
         stop_mode: str = "rel",
         eval_max_iter: int | None = None,
+        eval_solver: str | Callable | None = None,
         solver_options: dict | None = None,
         backward: str = "ift",
         backward_options: dict | None = None,
@@ -63,7 +66,9 @@ class DEQ(nn.Module):
         super().__init__()
         self.f = f
         self.solver = get_solver(solver)
-        self.solver_name = solver if isinstance(solver, str) else getattr(solver, "__name__", "solver")
+        self.solver_name = _solver_name(solver)
+        self.eval_solver = self.solver if eval_solver is None else get_solver(eval_solver)
+        self.eval_solver_name = self.solver_name if eval_solver is None else _solver_name(eval_solver)
         self.tol, self.max_iter, self.stop_mode = tol, max_iter, stop_mode
         self.eval_max_iter = eval_max_iter or max_iter
         self.solver_options = dict(solver_options or {})
@@ -96,7 +101,7 @@ class DEQ(nn.Module):
         flat = Flattener(z0)
         limit = max_iter or (self.max_iter if self.training else self.eval_max_iter)
         with torch.no_grad():
-            result = self.solver(
+            result = self.active_solver(
                 self._solver_f(x), z0, tol=self.tol, max_iter=limit, stop_mode=self.stop_mode,
                 **self.solver_options,
             )
@@ -115,6 +120,11 @@ class DEQ(nn.Module):
             z = z_star
         return flat.unflatten(z), result
 
+    @property
+    def active_solver(self) -> Callable[..., SolverResult]:
+        """The solver of the current mode: ``solver`` in training, ``eval_solver`` in eval."""
+        return self.solver if self.training else self.eval_solver
+
     def _solver_f(self, x: Any):
         """``z -> f(z, x)``; with ``graph=True`` a persistent function reading a static copy of ``x``,
         so the solver's cached CUDA graph stays valid across calls."""
@@ -130,17 +140,18 @@ class DEQ(nn.Module):
 
     def _check(self, result: SolverResult) -> None:
         status = result.status
+        solver_name = self.solver_name if self.training else self.eval_solver_name
         if bool((status == Status.NONFINITE).any()):
             bad = (status == Status.NONFINITE).nonzero().flatten()
             steps = result.n_iter[bad]
             raise NonFiniteError(
                 f"{self.name}: NaN or inf in the fixed-point iterate of sample(s) {bad.tolist()[:10]} "
-                f"at solver iteration(s) {steps.tolist()[:10]} ({self.solver_name}); check the input "
+                f"at solver iteration(s) {steps.tolist()[:10]} ({solver_name}); check the input "
                 "and the layer's weights"
             )
         if not result.all_converged:
             message = (
-                f"{self.name}: {self.solver_name} stopped above tol={self.tol:g} ({self.stop_mode}) for "
+                f"{self.name}: {solver_name} stopped above tol={self.tol:g} ({self.stop_mode}) for "
                 f"{int((~result.converged).sum())}/{len(status)} samples: {result.summary()}"
             )
             if self.strict:
@@ -148,6 +159,10 @@ class DEQ(nn.Module):
             if not self._warned:
                 self._warned = True
                 warnings.warn(message, NonConvergenceWarning, stacklevel=3)
+
+
+def _solver_name(solver: Any) -> str:
+    return solver if isinstance(solver, str) else getattr(solver, "__name__", "solver")
 
 
 def jacobian_frobenius(f: Any, z: Tensor, samples: int = 1) -> Tensor:

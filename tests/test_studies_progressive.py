@@ -122,10 +122,10 @@ def test_eval_solver_is_used_in_eval_mode_only():
     from implicit.solvers import get_solver
 
     model = build_model("maze", {"kind": "deq", "width": 4, "solver": "anderson", "eval_solver": "picard"})
-    assert model.train().deq.solver is get_solver("anderson")
-    assert model.eval().deq.solver is get_solver("picard")
-    assert model.train().deq.solver is get_solver("anderson")
+    assert model.train().deq.active_solver is get_solver("anderson")
+    assert model.eval().deq.active_solver is get_solver("picard")
+    assert model.train().deq.active_solver is get_solver("anderson")
     same = build_model("maze", {"kind": "deq", "width": 4}).eval()
-    assert same.deq.solver is get_solver("anderson")
+    assert same.deq.active_solver is get_solver("anderson")
     with pytest.raises(ValueError):
         build_model("maze", {"kind": "deq", "eval_solver": "nope"})

@@ -40,7 +40,7 @@ def correct_per_iters(model: IterativeNet, data: TaskSet, iters: list[int], *, b
 
 def _solver_for(model: IterativeNet):
     if model.kind == "deq":
-        return model.deq.solver, {"tol": model.deq.tol, "stop_mode": model.deq.stop_mode}
+        return model.deq.active_solver, {"tol": model.deq.tol, "stop_mode": model.deq.stop_mode}
     return unroll, {}
 
 

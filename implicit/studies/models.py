@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit.deq import DEQ
-from implicit.solvers import SolverResult, Status, get_solver
+from implicit.solvers import SolverResult, Status
 from implicit.solvers._tree import batch_norm
 
 KINDS = ("deq", "recurrent", "feedforward")
@@ -169,16 +169,8 @@ class IterativeNet(nn.Module):
         if kind == "deq":
             options = {"steps": 5, "damping": 0.8} if backward == "phantom" else {}
             options.update(backward_options or {})
-            self.deq = DEQ(self.cell, solver=solver, tol=tol, max_iter=iters, backward=backward,
-                           backward_options=options, name=f"maze/prefix-sum {kind} cell")
-            self._solvers = (self.deq.solver, get_solver(eval_solver or solver))
-
-    def train(self, mode: bool = True) -> "IterativeNet":
-        """Switch mode; a DEQ also switches between its training and its evaluation solver."""
-        super().train(mode)
-        if self.kind == "deq":
-            self.deq.solver = self._solvers[0] if mode else self._solvers[1]
-        return self
+            self.deq = DEQ(self.cell, solver=solver, tol=tol, max_iter=iters, eval_solver=eval_solver,
+                           backward=backward, backward_options=options, name=f"maze/prefix-sum {kind} cell")
 
     @property
     def iterative(self) -> bool:
