@@ -184,8 +184,7 @@ def invert(
                 break
         if out_of_time:
             break
-    if history[-1][0] != elapsed:  # the last iterate was not evaluated in the loop
-        keep_best(x.detach(), *exact(x.detach()))
+    # every way out of the loop (last iteration, target reached, out of time) evaluated the last iterate
     return InversionResult(best[0], best[1], best[2], method, history, stats)
 
 
