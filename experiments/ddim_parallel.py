@@ -201,6 +201,7 @@ def main(argv=None) -> None:
     # 2.-3. latency at batch 1, the target T first
     x_T = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
     step_s = None  # diffusers' seconds per step, measured at the first T
+    references = {}  # T -> the float32 and float64 sequential samples, reused by stage 5
     for T in Ts:
         row = m["latency"].setdefault(T, {})
         with torch.no_grad():
@@ -216,6 +217,7 @@ def main(argv=None) -> None:
             row["graph_sequential_s"] = s
             row["graph_sequential_ms_per_step"] = 1e3 * s / T
             seq64 = ddim(eps64, x_T.double(), schedule, T, graph=graph)  # graphed: a few seconds at T=1000
+            references[T] = seq, seq64
             row["float32_roundoff_floor"] = float((seq.double() - seq64).abs().max())
             runs = variants(T, windows, a.tol, ptols, 32 if T == Ts[0] and not a.small else None,
                             clip_slopes if T == Ts[0] else ())
@@ -234,12 +236,7 @@ def main(argv=None) -> None:
                     row[name] = {"error": str(err)[:300]}
                     print(T, name, row[name], flush=True)
                     continue
-                row[name] = {"s": s, "max_abs_err": float((x0 - seq).abs().max()),
-                             "max_abs_err_to_float64": float((x0.double() - seq64).abs().max()),
-                             "rounds": int(r.n_iter.max()), "model_evals": int(r.stats["step_evaluations"].max()),
-                             "ms_per_round": 1e3 * s / max(int(r.n_iter.max()), 1),
-                             "steps_advanced_per_round": T / max(int(r.n_iter.max()), 1),
-                             "converged": bool(r.converged.all())}
+                row[name] = _measured(s, x0, r, seq, seq64, T)
                 print(T, name, row[name], flush=True)
         print(T, {k: v for k, v in row.items() if not isinstance(v, dict)}, flush=True)
         run.save(f"latency T={T}")
@@ -268,18 +265,23 @@ def main(argv=None) -> None:
         if run.left() < 0.006 * T * 30 + 10:
             run.skip(f"deq_anderson T={T} (budget)")
             continue
-        row = m["latency"][T]
         with torch.no_grad():
-            seq = ddim(eps, x_T, schedule, T, graph=graph)
-            seq64 = ddim(eps64, x_T.double(), schedule, T, graph=graph)
             s, (x0, r) = timed(lambda: deq_ddim(eps, x_T, schedule, T, method="anderson", max_iter=30, tol=a.tol,
                                                 backward=None, graph=graph), dev, repeats=1, warmup=0)
-        row["deq_anderson"] = {"s": s, "max_abs_err": float((x0 - seq).abs().max()),
-                               "max_abs_err_to_float64": float((x0.double() - seq64).abs().max()),
-                               "rounds": int(r.n_iter.max()), "model_evals": int(r.stats["step_evaluations"].max()),
-                               "converged": bool(r.converged.all()), "note": "first call, includes graph capture"}
+        m["latency"][T]["deq_anderson"] = dict(_measured(s, x0, r, *references[T], T),
+                                               note="first call, includes graph capture")
     run.save("anderson")
     print(run.targets())
+
+
+def _measured(s: float, x0, r, seq, seq64, T: int) -> dict:
+    """One parallel run: seconds, errors to the float32 and float64 sequential samples, rounds."""
+    rounds = max(int(r.n_iter.max()), 1)
+    return {"s": s, "max_abs_err": float((x0 - seq).abs().max()),
+            "max_abs_err_to_float64": float((x0.double() - seq64).abs().max()),
+            "rounds": int(r.n_iter.max()), "model_evals": int(r.stats["step_evaluations"].max()),
+            "ms_per_round": 1e3 * s / rounds, "steps_advanced_per_round": T / rounds,
+            "converged": bool(r.converged.all())}
 
 
 def _inversion(eps, schedule, shape, dev, graph, T_inv, cap, small) -> dict:

@@ -303,7 +303,7 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
     pending = [j for j in jobs if not finished(j)]
     done = {j["id"] for j in jobs if j not in pending}
     failed: set[str] = set()
-    retries: dict[str, int] = {}
+    retried: set[str] = set()
     by_id = {j["id"]: j for j in jobs}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
@@ -323,8 +323,8 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
                 tail = (out / "logs" / f"{jid}.log").read_text(errors="replace").strip().splitlines()[-3:]
                 print("    " + "\n    ".join(tail), flush=True)
                 job = by_id[jid]
-                if job["kind"] == "train" and retries.get(jid, 0) < 1:
-                    retries[jid] = retries.get(jid, 0) + 1
+                if job["kind"] == "train" and jid not in retried:
+                    retried.add(jid)
                     pending.append(job)
                     print(f"    retrying {jid} from its checkpoint", flush=True)
                 else:

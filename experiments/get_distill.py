@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from implicit.bench._timing import timed
-from implicit.get.evaluate import digits_images, evaluate_generator, generate, train_feature_net
+from implicit.get.evaluate import digits_images, evaluate_generator, generate, tile_batch, train_feature_net
 from implicit.get.model import build_model
 from implicit.get.pairs import load_pairs, teacher_sampler, write_pairs
 from implicit.get.train import TrainConfig, load_generator, train
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
     # the students' batch (float32 first; bfloat16 autocast after the results are on disk)
     from implicit.get.evaluate import features, frechet_distance, precision_recall
 
-    reps = -(-p["speed_batch"] // len(test["noise"]))
-    xb = test["noise"].repeat(reps, 1, 1, 1)[:p["speed_batch"]].to(device)
+    xb = tile_batch(test["noise"], p["speed_batch"]).to(device)
     with torch.no_grad():
         teacher_s, _ = timed(lambda: fn(xb), device, repeats=2)
     f_t, f_r = features(net, test["image"]), features(net, real)

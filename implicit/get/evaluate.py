@@ -176,6 +176,12 @@ def flops_per_sample(model: nn.Module, example: Tensor, labels: Tensor | None = 
     return counter.get_total_flops() / len(example)
 
 
+def tile_batch(x: Tensor, n: int) -> Tensor:
+    """The first ``n`` rows of ``x`` repeated along the batch axis (a timing batch larger than the data)."""
+    reps = -(-n // len(x))
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n]
+
+
 def evaluate_generator(
     model: nn.Module,
     noise: Tensor,
@@ -206,9 +212,8 @@ def evaluate_generator(
     f_train = f_real if train_real is None else features(net, train_real)
     p, r = precision_recall(f_real, f_fake)
     pt, rt = precision_recall(f_teacher, f_fake)
-    reps = -(-throughput_batch // len(noise))
-    xb = noise.repeat(reps, 1, 1, 1)[:throughput_batch].to(dev)
-    yb = None if labels is None else labels.repeat(reps)[:throughput_batch].to(dev)
+    xb = tile_batch(noise, throughput_batch).to(dev)
+    yb = None if labels is None else tile_batch(labels, throughput_batch).to(dev)
     with torch.no_grad():
         sec, _ = timed(lambda: model(xb, yb), dev, repeats=repeats)
         sec_bf16 = None
