@@ -112,6 +112,23 @@ def test_half_precision_f_gets_float32_state():
 
 
 @pytest.mark.parametrize("name", FIXED_POINT)
+def test_solvers_run_under_autocast(name):
+    """Mixed-precision training calls the solver inside autocast: f runs in bfloat16 there, but the
+    solver's own bookkeeping (Gram matrices, small linear solves) must stay in the state's float32."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    z0 = torch.zeros(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = get_solver(name)(lambda z: torch.tanh(lin(z)), z0, tol=1e-2, max_iter=40)
+    assert result.z.dtype == torch.float32
+    assert bool(result.converged.all())
+    exact = get_solver(name)(lambda z: torch.tanh(lin(z)), z0, tol=1e-6, max_iter=100).z
+    assert float((result.z - exact).abs().max()) < 0.05  # bfloat16 f, so agreement to its precision
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
 def test_trace_records_residual_per_iteration(name):
     f, z0, _ = tanh_problem()
     result = solve(f, z0, name, tol=1e-10, max_iter=100, trace=True, check_every=3)

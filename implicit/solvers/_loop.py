@@ -104,7 +104,11 @@ class _Loop:
         self.method.reset()
 
     def iteration(self) -> None:
-        self.update(self.F(self.z))
+        fz = self.F(self.z)  # under the caller's autocast, if any
+        # the bookkeeping and the method's update (Gram matrices, small linear solves) stay in z's
+        # precision: under autocast they would silently drop to bfloat16 or fail on mixed dtypes
+        with torch.autocast(self.z.device.type, enabled=False):
+            self.update(fz.to(self.z.dtype))
 
     def _update(self, fz: Tensor) -> None:
         z, it = self.z, self.it
