@@ -395,10 +395,14 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         for data_key, per_setting in accuracy.items():
             for setting, per_model in per_setting.items():
                 for name, cell in per_model.items():
-                    rs = cell["runs"]
+                    # a run cut by the budget is not averaged with finished ones (its error is that of
+                    # fewer epochs); only where no run finished does the cell report the cut runs
+                    finished = [r for r in cell["runs"] if r["epochs_done"] == r["epochs"]]
+                    rs = finished or cell["runs"]
                     cell["test_rel_l2"] = _agg([r["test_rel_l2"] for r in rs])
                     cell["epochs_done"] = sorted({r["epochs_done"] for r in rs})
-                    cell["complete"] = all(r["epochs_done"] == r["epochs"] for r in rs)
+                    cell["complete"] = len(finished) == len(cell["runs"])
+                    cell["cut_runs"] = {r["seed"]: r["epochs_done"] for r in cell["runs"] if r not in finished}
                     cell["parameters"] = next((results[i]["parameters"] for i in results
                                                if results[i].get("model") == name and "parameters" in results[i]), None)
                     cell["epoch_time_s_concurrent"] = statistics.fmean(r["epoch_time_s"] for r in rs)
