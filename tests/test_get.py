@@ -126,11 +126,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     common = dict(model="get", model_options=TINY, steps=6, batch_size=4, lr=1e-3, warmup=2, ckpt_every=2,
                   ema_decay=0.9)
     train(TrainConfig(out=str(tmp_path / "a"), **common), data=_pairs(), progress=False)
-    train(TrainConfig(out=str(tmp_path / "b"), **common), data=_pairs(), progress=False, stop_at=3)
-    train(TrainConfig(out=str(tmp_path / "b"), **common), data=_pairs(), progress=False)
+    first = train(TrainConfig(out=str(tmp_path / "b"), **common), data=_pairs(), progress=False, stop_at=3)
+    second = train(TrainConfig(out=str(tmp_path / "b"), **common), data=_pairs(), progress=False)
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 6 and a["history"] == b["history"]
+    # the resumed run reports the training time of both calls, kept in the checkpoint
+    assert second["seconds"] >= b["seconds"] > first["seconds"] > 0
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)

@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     model = _new_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history = 0, []
+    step, history, seconds_before = 0, [], 0.0
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -168,13 +168,15 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, history = state["step"], state["history"]
+        seconds_before = state.get("seconds", 0.0)  # training time of earlier calls, so a resumed run reports the total
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if distributed else model
 
     def save() -> None:
         if rank == 0:
             _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "step": step, "history": history, "config": dataclasses.asdict(cfg)}, ckpt)
+                          "step": step, "history": history, "config": dataclasses.asdict(cfg),
+                          "seconds": seconds_before + time.perf_counter() - start}, ckpt)
         if distributed:
             dist.barrier()
 
@@ -220,7 +222,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
             save()
     bar.close()
     summary = {"step": step, "final_loss": history[-1] if history else None, "params": count_params(model),
-               "seconds": time.perf_counter() - start, "checkpoint": str(ckpt)}
+               "seconds": seconds_before + time.perf_counter() - start, "checkpoint": str(ckpt)}
     if rank == 0 and step >= cfg.steps:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
