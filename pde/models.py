@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from implicit.solvers import NonConvergenceWarning, unroll
+
 __all__ = [
     "MODELS", "NeuralOperator", "FNO", "FNOPlusPlus", "IFNO", "FNODEQ", "Operator",
     "build_model", "available_models", "count_parameters", "cast_model", "load_model",
@@ -286,10 +288,8 @@ class IFNO(_InjectedOperator, name="ifno"):
         self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
-        z = torch.zeros_like(inj) if z0 is None else z0
-        for _ in range(self.iterations):
-            z = self.block(z, inj)
-        return z
+        z0 = torch.zeros_like(inj) if z0 is None else z0
+        return unroll(lambda z: self.block(z, inj), z0, max_iter=self.iterations).z
 
 
 class FNODEQ(_InjectedOperator, name="fno-deq"):
@@ -348,13 +348,10 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
         if training:
             self.train_steps += 1
         if training and int(self.train_steps) <= self.pretrain_steps:
-            z = torch.zeros_like(inj) if z0 is None else z0
-            for _ in range(self.pretrain_iter):
-                z = self.block(z, inj)
+            z0 = torch.zeros_like(inj) if z0 is None else z0
+            z = unroll(lambda z: self.block(z, inj), z0, max_iter=self.pretrain_iter).z
             self.last_stats = {"mode": "pretrain", "n_iter": float(self.pretrain_iter)}
             return z
-        from implicit.solvers import NonConvergenceWarning
-
         dev = inj.device.type
         amp = torch.is_autocast_enabled(dev)
         # mixed precision: the block computes under autocast, the solver keeps a float32 state

@@ -4,7 +4,7 @@ import pytest
 import torch
 from problems import linear_contraction, picard_divergent, tanh_problem
 
-from implicit.solvers import SOLVERS, Status, anderson, broyden, get_solver, picard, register_solver, solve
+from implicit.solvers import SOLVERS, Status, anderson, broyden, get_solver, picard, register_solver, solve, unroll
 
 FIXED_POINT = ["picard", "anderson", "broyden"]
 
@@ -165,3 +165,33 @@ def test_registry_and_errors():
     finally:
         SOLVERS.pop("my_picard")
     assert broyden  # exported
+
+
+def test_unroll_matches_the_closed_form_and_its_gradient():
+    """z_k = a z_{k-1} + b, K times: z_K = a^K z0 + b (1 - a^K) / (1 - a), dz_K/dz0 = a^K."""
+    a, b, K = 0.7, torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), 6
+    z0 = torch.tensor([[1.0, 2.0, -3.0], [0.0, 0.1, 0.2]], dtype=torch.float64, requires_grad=True)
+    result = unroll(lambda z: a * z + b, z0, max_iter=K, iterates=True)
+    torch.testing.assert_close(result.z, a ** K * z0 + b * (1 - a ** K) / (1 - a))
+    (grad,) = torch.autograd.grad(result.z.sum(), z0)
+    torch.testing.assert_close(grad, torch.full_like(z0, a ** K))
+    steps = result.stats["iterates"]
+    assert len(steps) == K and steps[-1] is result.z
+    torch.testing.assert_close(result.residual, (steps[-1] - steps[-2]).norm(dim=1).detach())
+    assert (result.n_iter == K).all() and not result.converged.any()
+    assert (result.status == Status.MAX_ITER).all()
+
+
+def test_unroll_marks_converged_samples_but_never_stops_early():
+    calls = []
+
+    def f(z):  # fixed point 2
+        calls.append(1)
+        return 0.5 * z + 1.0
+
+    result = unroll(f, torch.tensor([[2.0], [1000.0]]), max_iter=5, tol=1e-3)
+    assert len(calls) == 5  # a converged sample does not end the loop: the depth is the architecture
+    assert result.converged.tolist() == [True, False]
+    assert result.status.tolist() == [int(Status.CONVERGED), int(Status.MAX_ITER)]
+    with pytest.raises(ValueError, match="max_iter"):
+        unroll(f, torch.zeros(1, 1), max_iter=0)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..deq import DEQ
-from ..solvers import NonConvergenceWarning, SolverResult, Status
+from ..solvers import NonConvergenceWarning, SolverResult, unroll
 
 __all__ = ["GETConfig", "ViTConfig", "GET", "ViT", "build_model", "count_params"]
 
@@ -276,23 +276,11 @@ class GET(nn.Module):
         return w / w.sum()
 
     def _plain(self, u: Tensor, steps: int, keep: bool) -> tuple[list[Tensor], SolverResult]:
-        """``steps`` plain iterations from ``z0``; every iterate if ``keep``, else the last; with the
-        residual of the last step, ``||z_K - z_{K-1}||`` (relative to ``||z_K||``)."""
+        """``steps`` plain iterations from the initial state, through the backend's :func:`unroll`;
+        every iterate if ``keep``, else the last."""
         f = self.equilibrium
-        z = f.init_state(u)
-        out = []
-        for _ in range(steps):
-            prev, z = z, f(z, u)
-            if keep:
-                out.append(z)
-        out = out if keep else [z]
-        with torch.no_grad():
-            r = torch.linalg.vector_norm((z - prev).flatten(1).float(), dim=1)
-            rel = r / (torch.linalg.vector_norm(z.flatten(1).float(), dim=1) + 1e-12)
-            n = torch.full_like(r, steps, dtype=torch.long)
-            converged = rel <= self.cfg.tol
-            status = torch.where(converged, Status.CONVERGED, Status.MAX_ITER).to(torch.int8)
-        return out, SolverResult(z=z, residual=r, rel_residual=rel, n_iter=n, converged=converged, status=status)
+        result = unroll(lambda z: f(z, u), f.init_state(u), max_iter=steps, tol=self.cfg.tol, iterates=keep)
+        return (result.stats.pop("iterates") if keep else [result.z]), result
 
     def solve(self, x: Tensor, y: Tensor | None = None, *, max_iter: int | None = None,
               iterates: bool = False) -> tuple[Tensor, SolverResult]:

@@ -18,6 +18,7 @@ from .linear import cg, gmres
 from .newton_krylov import newton_krylov
 from .picard import picard
 from .recurrence import RECURRENCE_METHODS, rollout, solve_recurrence
+from .unroll import unroll
 
 SOLVERS: dict[str, Callable[..., SolverResult]] = {
     "anderson": anderson,
@@ -51,6 +52,6 @@ def solve(f: Callable[[Any], Any], z0: Any, solver: str = "anderson", **options:
 __all__ = [
     "SOLVERS", "Method", "NonConvergenceWarning", "NonFiniteError", "SolverResult", "Status",
     "anderson", "broyden", "cg", "get_solver", "gmres", "iterate", "newton_krylov", "picard",
-    "register_solver", "solve",
+    "register_solver", "solve", "unroll",
     "RECURRENCE_METHODS", "rollout", "solve_recurrence",
 ]

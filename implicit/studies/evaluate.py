@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from implicit.analysis import asymptotic_alignment
-from implicit.solvers import NonConvergenceWarning
+from implicit.solvers import NonConvergenceWarning, unroll
 
 from .data import TaskSet
-from .models import IterativeNet, unroll
+from .models import IterativeNet
 from .train import exact_correct
 
 

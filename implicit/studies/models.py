@@ -17,14 +17,13 @@ option (an implicit gradient cannot reach the encoder through ``z0``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from implicit.deq import DEQ
-from implicit.solvers import SolverResult, Status
-from implicit.solvers._tree import batch_norm
+from implicit.solvers import SolverResult, unroll
 
 KINDS = ("deq", "recurrent", "feedforward")
 INITS = ("zero", "random")
@@ -89,24 +88,6 @@ class Cell(nn.Module):
             h = h + e
         h = self.b(self.blocks(torch.relu(self.norm(h))))
         return torch.tanh(z + h if self.skip else h)
-
-
-def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, **_: Any) -> SolverResult:
-    """Apply ``f`` exactly ``max_iter`` times and report the last state as a :class:`SolverResult`.
-
-    This is the forward pass of a fixed-depth recurrent net (its architecture, not a solver:
-    it has no tolerance and keeps the last state, not the lowest-residual one). Its signature
-    matches the backend solvers, so the analysis tools treat both kinds of model alike.
-    """
-    z = z0
-    for _ in range(max_iter - 1):
-        z = f(z)
-    fz = f(z)
-    residual = batch_norm((fz - z).flatten(1))
-    rel = residual / (batch_norm(fz.flatten(1)) + torch.finfo(fz.dtype).tiny)
-    n = torch.full_like(residual, max_iter, dtype=torch.long)
-    status = torch.full_like(n, int(Status.MAX_ITER), dtype=torch.int8)
-    return SolverResult(fz, residual, rel, n, status == Status.CONVERGED, status)
 
 
 class IterativeNet(nn.Module):

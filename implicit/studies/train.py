@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from implicit.solvers import NonConvergenceWarning
+from implicit.solvers import NonConvergenceWarning, unroll
 
 from .data import TaskSet
 from .models import IterativeNet
@@ -108,9 +108,7 @@ def progressive_state(model: IterativeNet, e: Tensor, z0: Tensor, iters: int, ge
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", NonConvergenceWarning)  # a partial solve by design
             z, _ = model.solve(e, z0, n)
-    z = z.detach()
-    for _ in range(k):
-        z = model.cell(z, e)
+    z = unroll(lambda z: model.cell(z, e), z.detach(), max_iter=k).z
     return z, n, k
 
 
