@@ -1,20 +1,23 @@
-"""GET vs a 5x larger ViT vs a plain one-step student, distilled from the package's own digits teacher.
+"""GET vs a 5x larger ViT vs a plain one-step student, distilled from one of the package's own teachers.
 
 Pipeline (one process, every stage reused when its output already exists):
-1. teacher: the package's diffusers UNet2DModel trained on scikit-learn digits at 32x32
-   (:func:`implicit.diffusion.train.train_teacher`, DDPM objective), or ``--teacher``;
+1. teacher: the package's diffusers UNet2DModel trained at 32x32 (DDPM objective,
+   :func:`implicit.diffusion.train.train_teacher`) on ``--data``: scikit-learn digits (default), or the
+   package's own Darcy solutions (``darcy``, the darcy-85 recipe) or steady Navier-Stokes vorticities
+   (``ns``, the ns-nu0.01 recipe), generated first; or ``--teacher``;
 2. pairs: x_T and the teacher's 100-step DDIM image (HDF5, :func:`implicit.get.pairs.write_pairs`);
 3. three students at exactly equal training steps (no wall-clock cap): GET (6 plain fixed-point
    iterations, trained as the paper does: unrolled through the 6 iterations with a loss on every
    decoded iterate, the injection added to every equilibrium block), a ViT with ~5x GET's
    parameters, and a plain ViT of GET's width with about its parameters;
 4. evaluation on held-out noise: FD-own (Frechet distance in the features of a CNN the package
-   trains itself on digits; not FID), precision/recall, nearest-neighbour ratio, MSE to the teacher,
+   trains itself: on the digit classes, or for PDE fields on their own k-means clusters; not FID), precision/recall, nearest-neighbour ratio, MSE to the teacher,
    samples/s, params, FLOPs; GET also evaluated with Anderson to a tolerance instead of 6 iterations;
    the teacher's own 100-step sampling speed for the speed-up target, timed at the same batch
    (``speed_batch``) and precision as the students (float32, and bfloat16 autocast for both).
 
-Writes experiments/results/get_distill.json (+ .png). ``--small`` runs everything at toy size on the CPU.
+Writes experiments/results/get_distill.json (+ .png), or get_distill_darcy / get_distill_ns. ``--small``
+runs everything at toy size on the CPU.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from implicit.bench._timing import timed
-from implicit.get.evaluate import digits_images, evaluate_generator, generate, tile_batch, train_feature_net
+from implicit.get.evaluate import (cluster_labels, digits_images, evaluate_generator, generate, tile_batch,
+                                   train_feature_net)
 from implicit.get.model import build_model
 from implicit.get.pairs import load_pairs, teacher_sampler, write_pairs
 from implicit.get.train import TrainConfig, load_generator, train
@@ -42,6 +47,29 @@ FULL = dict(teacher_size="small", teacher_steps=3000, teacher_batch=128, teacher
 SMALL = dict(teacher_size="tiny", teacher_steps=30, teacher_batch=32, teacher_lr=1e-3, n_pairs=256, holdout=64,
              pair_batch=64, ddim_steps=10, steps=40, batch=32, lr=1e-3, dim=32, big_dim=64, big_depth=5,
              feat_epochs=2, speed_batch=64, amp_speed=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# PDE fields for the teacher: the paper-size recipes, and the tests' tiny ones for --small
+PDE_RECIPES = {"darcy": ("darcy-85.toml", "darcy-tiny.toml"), "ns": ("ns-nu0.01.toml", "ns-tiny.toml")}
+
+
+def training_images(data: str, work: Path, device: torch.device, small: bool) -> tuple[str, Tensor, Tensor, str]:
+    """The teacher's data argument, the real images (N, 1, 32, 32) in [-1, 1], the feature net's labels,
+    and a description of the FD-own feature space."""
+    if data == "digits":
+        real, labels = digits_images(32)
+        return "digits", real, labels, "the package's own digit classifier CNN (all 1797 digits)"
+    if data not in PDE_RECIPES:
+        raise ValueError(f'--data must be "digits" or one of {sorted(PDE_RECIPES)}, got "{data}"')
+    from implicit.diffusion.train import load_images
+    from pde.datasets import generate_split
+
+    recipe = ROOT / "data" / PDE_RECIPES[data][1 if small else 0]
+    path = generate_split(recipe, "train", work / "data", device=device)["path"]
+    real = load_images(path, 32)
+    return path, real, cluster_labels(real, 10), (f"a CNN the package trains to tell apart 10 k-means clusters of "
+                                                  f"the {len(real)} training fields ({recipe.name}, train split)")
 
 
 def students(p: dict) -> dict[str, tuple[str, dict]]:
@@ -71,6 +99,7 @@ def student_configs(p: dict, pairs: Path | str, work: Path, device: torch.device
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="toy sizes; runs on the CPU in a few minutes")
+    ap.add_argument("--data", default="digits", help="teacher data: digits, darcy or ns (generated by the package)")
     ap.add_argument("--teacher", help="existing teacher folder (diffusers unet/ + scheduler/); default: train one")
     ap.add_argument("--work", default="runs/get_distill", help="folder for the teacher, pairs and student runs")
     ap.add_argument("--out", default="experiments/results")
@@ -85,18 +114,20 @@ def main(argv: list[str] | None = None) -> Path:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    work = Path(args.work + ("_small" if args.small else ""))
+    result_name = "get_distill" + ("" if args.data == "digits" else f"_{args.data}") + ("_small" if args.small else "")
+    work = Path(args.work + ("" if args.data == "digits" else f"_{args.data}") + ("_small" if args.small else ""))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
 
-    # 1. teacher
+    # 1. teacher (and its data)
+    data_arg, real, labels, feature_space = training_images(args.data, work, device, args.small)
     if args.teacher:
         teacher = Path(args.teacher)
     else:  # trains, or resumes, or finds the finished teacher in the work folder
         from implicit.diffusion.train import TrainConfig as TeacherConfig, train_teacher
 
-        tcfg = TeacherConfig(data="digits", size=p["teacher_size"], steps=p["teacher_steps"],
+        tcfg = TeacherConfig(data=data_arg, size=p["teacher_size"], steps=p["teacher_steps"],
                              batch=p["teacher_batch"], lr=p["teacher_lr"], save_every=1000)
         done = work / "teacher" / "pipeline"
         teacher = done if (done / "unet").is_dir() else train_teacher(work / "teacher", tcfg, device=device)
@@ -111,9 +142,8 @@ def main(argv: list[str] | None = None) -> Path:
     stages["pairs_s"] = time.perf_counter() - t
     test = data["test"]
 
-    # 3. feature net for FD-own (trained on the real digits)
+    # 3. feature net for FD-own (trained on the real images)
     t = time.perf_counter()
-    real, labels = digits_images(32)
     net, acc = train_feature_net(real, labels, epochs=p["feat_epochs"], device=device, cache=work / "featnet.pt")
     stages["feature_net_s"] = time.perf_counter() - t
 
@@ -162,8 +192,9 @@ def main(argv: list[str] | None = None) -> Path:
     metrics["stages_s"] = stages
     config = {"params": p, "students": {k: dataclasses.asdict(c) for k, c in runs.items()},
               "teacher": str(teacher), "pairs_recipe": json.loads(data["attrs"]["recipe"]),
-              "fd_own": "Frechet distance in the pooled features of the package's own digit CNN (not FID); "
-                        "vs_teacher uses held-out teacher images, vs_data all 1797 digits",
+              "data": args.data,
+              "fd_own": f"Frechet distance in the pooled features of {feature_space} (not FID); "
+                        "vs_teacher uses held-out teacher images, vs_data the real images",
               "speed": f"samples/s of one batch of {p['speed_batch']} for every model and the teacher (its "
                        "CUDA-graph DDIM sampler); float32 and bfloat16 autocast; the speed-up target compares "
                        "GET and the teacher at the same batch and precision"}
@@ -184,7 +215,8 @@ def main(argv: list[str] | None = None) -> Path:
         metrics["get_speedup_over_teacher"] = speedups[precision]
         metrics["get_speedup_over_teacher_by_precision"] = speedups
         metrics["get_speedup_precision"] = precision
-        path = write_results("get_distill", config=config, metrics=metrics, targets=targets, device=device,
+        path = write_results(result_name, config=config, metrics=metrics,
+                             targets=targets, device=device,
                              wall_clock_s=time.perf_counter() - t0, out_dir=args.out)
         return path, targets
 

@@ -268,3 +268,35 @@ def test_experiment_trains_every_student_for_the_same_steps(tmp_path):
         rest = [{k: v for k, v in vars(c).items() if k not in ("out", "model", "model_options")} for c in cfgs.values()]
         assert all(r == rest[0] for r in rest) and rest[0]["steps"] == p["steps"]
         assert cfgs["get"].model_options["train_unroll"] == 6 and cfgs["get"].model_options["injection"] == "every"
+
+
+def test_cluster_labels_separate_distinct_fields():
+    from implicit.get.evaluate import cluster_labels
+
+    g = torch.Generator().manual_seed(0)
+    top = torch.zeros(12, 1, 32, 32)
+    top[:, :, :16] = 1
+    bottom = torch.flip(top, dims=(2,))
+    images = torch.cat([top, bottom]) + 0.05 * torch.randn(24, 1, 32, 32, generator=g)
+    labels = cluster_labels(images, k=2)
+    assert len(set(labels[:12].tolist())) == 1 and len(set(labels[12:].tolist())) == 1
+    assert labels[0] != labels[12]
+    with pytest.raises(ValueError, match="N >= k"):
+        cluster_labels(images[:3], k=10)
+
+
+def test_experiment_pde_teacher_data(tmp_path):
+    """--data darcy: the package's own Darcy solutions, as teacher images with cluster labels for FD-own."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "get_distill.py"
+    spec = importlib.util.spec_from_file_location("get_distill_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data, real, labels, description = mod.training_images("darcy", tmp_path, torch.device("cpu"), small=True)
+    assert Path(data).is_file() and real.shape == (32, 1, 32, 32) and labels.shape == (32,)
+    assert real.min() >= -1 and real.max() <= 1 and len(set(labels.tolist())) == 10
+    assert "k-means" in description
+    with pytest.raises(ValueError, match="--data"):
+        mod.training_images("cifar", tmp_path, torch.device("cpu"), small=True)

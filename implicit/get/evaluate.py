@@ -39,8 +39,25 @@ def digits_images(size: int = 32) -> tuple[Tensor, Tensor]:
     return x * 2 - 1, torch.tensor(d.target, dtype=torch.long)
 
 
+def cluster_labels(images: Tensor, k: int = 10, seed: int = 0) -> Tensor:
+    """Pseudo-labels for unlabelled images (PDE fields): k-means clusters of 16x16 average-pooled copies.
+
+    FD-own needs a feature space trained on the data itself; digits have classes, PDE fields do not.
+    A :class:`FeatureNet` trained to tell the data's own clusters apart learns features that span its
+    main modes of variation, which is what a Frechet distance in that space should compare.
+    """
+    from sklearn.cluster import KMeans
+
+    if images.ndim != 4 or len(images) < k:
+        raise ValueError(f"need (N, C, H, W) images with N >= k={k}, got {tuple(images.shape)}")
+    small = F.adaptive_avg_pool2d(images.float(), 16).flatten(1).numpy()
+    labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(small)
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
 class FeatureNet(nn.Module):
-    """Small CNN digit classifier; ``features`` (the pooled last conv layer) is the evaluation space."""
+    """Small CNN classifier (digits, or a PDE field's cluster); ``features`` (the pooled last conv layer)
+    is the evaluation space."""
 
     def __init__(self, channels: int = 1, width: int = 32, n_classes: int = 10):
         super().__init__()
