@@ -63,8 +63,8 @@ def model_overrides(problem: str, small: bool, epochs: int, steps_per_epoch: int
         ifno_iters = 12
     else:
         # no norm in the block, unlike the paper (and the baselines here): instance norm makes the tied block
-        # expansive and the solve stalls (relative residual 0.38 after 24 iterations in the H100 run of issue 5;
-        # see experiments/configs/ns-fno-deq.toml)
+        # expansive and the solve stalls (relative residual 0.38 after 24 iterations in the H100 run kept
+        # as experiments/results/fno_deq_ns_instance_norm.json; see experiments/configs/ns-fno-deq.toml)
         deq = dict(model="fno-deq", solver="anderson", max_iter=24, eval_max_iter=24, tol=1e-6, backward="phantom",
                    backward_steps=3, backward_damping=0.8, pretrain_steps=warm, pretrain_iter=12, norm="none")
         ifno_iters = 12

@@ -24,7 +24,7 @@ Training follows the paper by default (``train_unroll=6``): the map is iterated
 decoded output of every iterate, weighted ``gamma**(K-1-k)`` (fixed-point
 correction; :meth:`GET.iterate_weights`). The earlier default, a no-grad solve and
 a one-step phantom gradient, trained a 1.8M-parameter GET far worse than a ViT of
-the same size (experiments/results/get_distill.json); ``train_unroll=0`` keeps it.
+the same size (experiments/results/get_distill_phantom_recipe.json); ``train_unroll=0`` keeps it.
 ``solver="fixed"`` runs exactly ``max_iter`` plain iterations and returns the last
 one, ``f^K(z0)``, the same map training saw; the backend's solvers return each
 sample's lowest-residual *input* iterate, which for a fixed count is at most
