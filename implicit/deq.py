@@ -125,6 +125,11 @@ class DEQ(nn.Module):
         """The solver of the current mode: ``solver`` in training, ``eval_solver`` in eval."""
         return self.solver if self.training else self.eval_solver
 
+    @property
+    def active_solver_name(self) -> str:
+        """The name of :attr:`active_solver`, for messages."""
+        return self.solver_name if self.training else self.eval_solver_name
+
     def _solver_f(self, x: Any):
         """``z -> f(z, x)``; with ``graph=True`` a persistent function reading a static copy of ``x``,
         so the solver's cached CUDA graph stays valid across calls."""
@@ -140,7 +145,7 @@ class DEQ(nn.Module):
 
     def _check(self, result: SolverResult) -> None:
         status = result.status
-        solver_name = self.solver_name if self.training else self.eval_solver_name
+        solver_name = self.active_solver_name
         if bool((status == Status.NONFINITE).any()):
             bad = (status == Status.NONFINITE).nonzero().flatten()
             steps = result.n_iter[bad]
