@@ -26,6 +26,8 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     python experiments/fno_deq.py --out OUT --budget-s 540   # GPU: one ~9.5-minute command (H100)
     python experiments/fno_deq.py --out OUT --budget-s 540 --seeds 0,1,2   # a second one: resume, add seed 2
     python experiments/fno_deq.py --small --out /tmp/fd      # CPU smoke run, about a minute
+    # a fresh machine adds NS seed 1 to the seed-0 runs recorded in the repo's results file:
+    python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1 --reuse experiments/results/fno_deq_ns.json
 """
 
 from __future__ import annotations
@@ -288,6 +290,24 @@ def _dump(path: Path, obj: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------- scheduler
+
+def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[str]:
+    """Seed ``out/jobs`` with the finished trainings a results file records (``metrics.runs``), so that
+    a command on a fresh machine skips them and only adds what is new (e.g. a seed). Only runs of
+    this plan with all their epochs are taken, and an existing job result is never overwritten."""
+    planned = {j["id"]: j for j in jobs if j["kind"] == "train"}
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    taken = []
+    for f in results_files:
+        runs = json.loads(Path(f).read_text())["metrics"]["runs"]
+        for jid, r in runs.items():
+            j = planned.get(jid)
+            dest = out / "jobs" / f"{jid}.json"
+            if j and r and r.get("epochs_done") == j["config"]["epochs"] and not dest.exists():
+                _dump(dest, r)
+                taken.append(jid)
+    return taken
+
 
 def run_jobs(jobs: list[dict], args, deadline: float) -> None:
     """Run ``jobs`` as subprocesses, ``args.jobs`` at once, each once its ``needs`` are done."""
@@ -556,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns-subsample", type=int, default=2, help="NS grid stride on the 128 grid (paper: 128, i.e. 1)")
     p.add_argument("--ifno-noisy", action="store_true", help="train IFNO on the noisy settings too (default: clean only)")
     p.add_argument("--ns-noise", default="0.004", help="NS maximum noise variances (paper: 0.001,0.004)")
+    p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
+                   help="take the finished runs a results file records instead of training them again")
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
@@ -573,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + args.budget_s - (20 if args.small else 30)  # room to evaluate and write the results
     jobs = plan(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        taken = reuse_runs(args.reuse, jobs, Path(args.out))
+        print(f"reused {len(taken)} finished runs from {', '.join(args.reuse)}", flush=True)
     print(f"{sum(j['kind'] == 'train' for j in jobs)} trainings, {args.jobs} at once, budget {args.budget_s:.0f} s, "
           f"out {args.out}", flush=True)
     run_jobs(jobs, args, deadline)
