@@ -31,6 +31,11 @@ fails is recorded with its error and the run goes on.
 
     python experiments/ddim_parallel.py --out DIR  # GPU: at most --budget-s (480 s) + one item + start-up
     python experiments/ddim_parallel.py --small    # a quick CPU check (tiny UNet, T in {10, 20}), ~30 s
+    python experiments/ddim_parallel.py --no-clip-sample --out DIR  # the same with clip_sample=False
+
+Why ``--no-clip-sample``: with clip_sample (the DDPM CIFAR-10 default) the chain is non-smooth where
+x0 clips, so float32 round-off flips clip decisions: the float32 and float64 sequential samples
+differ by 0.02-0.16 at T=1000 and no sampler meets a 1e-3 error there (see ddim_float64_error.py).
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ import copy
 import time
 
 import torch
+from diffusers import DDIMScheduler
 
 from implicit.bench._timing import timed
-from implicit.diffusion import ddim, deq_ddim, invert, load_local
+from implicit.diffusion import DDIMSchedule, ddim, deq_ddim, invert, load_local
 from implicit.diffusion.train import TrainConfig, train_teacher
 from implicit.results import target, write_results
 
@@ -83,7 +89,7 @@ class Run:
         self.a, self.dev, self.t_start = a, dev, t_start
         self.metrics = {"stages_done": [], "latency": {}, "throughput": {}, "inversion": {}, "skipped": []}
         self.config = {}
-        self.name = "ddim_parallel" + ("_small" if a.small else "")
+        self.name = "ddim_parallel" + ("_noclip" if a.no_clip_sample else "") + ("_small" if a.small else "")
         self.Tmax = 20 if a.small else 1000
 
     def left(self) -> float:
@@ -145,6 +151,8 @@ def main(argv=None) -> None:
     p.add_argument("--clip-slopes", default="0.5",
                    help="deq_ddim clip_slope values for the compact window at tol/10, /100, /1000 ('' for none)")
     p.add_argument("--inversion-s", type=float, default=30.0, help="time cap of DEQ inversion (backprop: 2.5x)")
+    p.add_argument("--no-clip-sample", action="store_true",
+                   help="sample with clip_sample=False (a smooth chain; writes ddim_parallel_noclip.json)")
     p.add_argument("--out", default="experiments/results")
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,6 +175,9 @@ def main(argv=None) -> None:
     else:
         folder = a.teacher
     eps, schedule, unet, scheduler = load_local(folder, device=dev)
+    if a.no_clip_sample:  # same model; diffusers' loop and ours both sample without clipping x0
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+        schedule = DDIMSchedule.from_config(scheduler)
     shape = eps.sample_shape
     eps64 = type(eps)(copy.deepcopy(unet).double())
     run.config = {"unet_params": sum(q.numel() for q in unet.parameters()), "unet": "tiny" if a.small else "cifar size",

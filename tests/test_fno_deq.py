@@ -196,3 +196,30 @@ def test_ns_training_keeps_a_converging_solver(tmp_path):
     hist = train(cfg, progress=False, log=lambda s: None)["history"]
     assert hist[-1]["train_rel_l2"] < hist[0]["train_rel_l2"]
     assert hist[-1]["test_solver_rel_residual"] < 1e-3, hist[-1]
+
+
+def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
+    """``experiments/fno_deq.py --reuse``: a fresh machine takes the finished runs a results file records
+    (so it only trains new seeds), never a cut run, a run it does not plan, or over an existing result."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
+    spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    jobs = [{"id": f"train-{s}", "kind": "train", "config": {"epochs": 6}} for s in ("a", "b", "c", "d")]
+    jobs.append({"id": "data-x", "kind": "data", "config": {}})
+    runs = {"train-a": {"epochs_done": 6, "test_rel_l2": 0.1}, "train-b": {"epochs_done": 3, "test_rel_l2": 0.5},
+            "train-c": {"epochs_done": 6, "test_rel_l2": 0.2}, "train-z": {"epochs_done": 6}, "data-x": {"path": "p"},
+            "train-d": None}
+    results = tmp_path / "fno_deq_ns.json"
+    results.write_text(json.dumps({"metrics": {"runs": runs}}))
+    out = tmp_path / "out"
+    (out / "jobs").mkdir(parents=True)
+    (out / "jobs" / "train-c.json").write_text(json.dumps({"epochs_done": 6, "test_rel_l2": 0.3}))
+    taken = mod.reuse_runs([str(results)], jobs, out)
+    assert taken == ["train-a"]
+    assert json.loads((out / "jobs" / "train-a.json").read_text()) == runs["train-a"]
+    assert json.loads((out / "jobs" / "train-c.json").read_text())["test_rel_l2"] == 0.3
+    assert not (out / "jobs" / "train-b.json").exists() and not (out / "jobs" / "data-x.json").exists()
