@@ -23,6 +23,7 @@ def plot_accuracy(evals: dict, path: Path) -> None:
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    legend_done = set()  # one legend per task, on its first panel: each task has its own models
     for ax, (task, size) in zip(axes.flat, panels):
         for name, ev in evals.items():
             if ev["task"] != task:
@@ -31,6 +32,9 @@ def plot_accuracy(evals: dict, path: Path) -> None:
             ks = sorted(curve, key=int)
             style = "--" if ev["spec"].get("kind") == "feedforward" else "-o"
             ax.plot([int(k) for k in ks], [curve[k] for k in ks], style, ms=3, label=name)
+        if task not in legend_done:
+            ax.legend(fontsize=6)
+            legend_done.add(task)
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{task}, size {size}")
@@ -39,7 +43,6 @@ def plot_accuracy(evals: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
