@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .backward import get_backward
-from .solvers import NonConvergenceWarning, NonFiniteError, SolverResult, Status, get_solver
+from .solvers import NonConvergenceWarning, NonFiniteError, SolverResult, Status, get_solver, unroll
 from .solvers._tree import Flattener
 
 __all__ = ["DEQ", "jacobian_frobenius"]
@@ -22,7 +22,11 @@ class DEQ(nn.Module):
     The forward pass solves ``z = f(z, x)`` without building a graph; the chosen
     backward strategy then attaches gradients (``"ift"`` exact implicit,
     ``"phantom"``, ``"jfb"``, ``"unrolled"``), so training memory does not grow
-    with solver iterations.
+    with solver iterations. ``backward="bptt"`` is the exception, for comparison with
+    weight-tied recurrent nets: in training the layer runs ``max_iter`` plain iterations
+    from ``z0`` with autograd through all of them (:func:`implicit.solvers.unroll`; memory
+    grows with the iterations and the solver is not used); in eval it solves as usual, with
+    ``"ift"`` gradients if autograd is on.
 
     Args:
         f: module called as ``f(z, x)``; ``z`` is a tensor or tuple of tensors with batch first.
@@ -33,7 +37,7 @@ class DEQ(nn.Module):
         eval_solver: solver in eval mode (default: ``solver``), e.g. ``"picard"`` to evaluate
             a model trained with Anderson by plain iteration; ``solver_options`` go to both.
         solver_options: extra options for the solver (``m``, ``beta``, ``check_every``, ``graph``...).
-        backward: gradient strategy name; backward_options: its options
+        backward: gradient strategy name, or ``"bptt"`` (see above); backward_options: its options
             (``ift``: ``solver``, ``tol``, ``max_iter``; ``phantom``: ``steps``, ``damping``...).
         strict: raise instead of warning when a solve stops above tolerance.
         norm: ``"weight_norm"`` or ``"spectral_norm"`` on ``f``'s weights (torchdeq's), reset each training step.
@@ -72,7 +76,9 @@ class DEQ(nn.Module):
         self.tol, self.max_iter, self.stop_mode = tol, max_iter, stop_mode
         self.eval_max_iter = eval_max_iter or max_iter
         self.solver_options = dict(solver_options or {})
-        self.backward_fn = get_backward(backward)
+        self.bptt = backward == "bptt"
+        # a bptt layer in eval mode still solves; gradients there (if any) are the exact implicit ones
+        self.backward_fn = get_backward("ift" if self.bptt else backward)
         self.backward_options = dict(backward_options or {})
         self.strict = strict
         self.jac_reg_samples = jac_reg_samples
@@ -100,6 +106,8 @@ class DEQ(nn.Module):
             reset_norm(self.f)
         flat = Flattener(z0)
         limit = max_iter or (self.max_iter if self.training else self.eval_max_iter)
+        if self.bptt and self.training and torch.is_grad_enabled():
+            return self._bptt(x, flat, z0, limit)
         with torch.no_grad():
             result = self.active_solver(
                 self._solver_f(x), z0, tol=self.tol, max_iter=limit, stop_mode=self.stop_mode,
@@ -119,6 +127,16 @@ class DEQ(nn.Module):
         else:
             z = z_star
         return flat.unflatten(z), result
+
+    def _bptt(self, x: Any, flat: Flattener, z0: Any, limit: int) -> tuple[Any, SolverResult]:
+        """Training forward of ``backward="bptt"``: ``limit`` iterations from ``z0``, all differentiable."""
+        result = unroll(lambda v: flat.flatten(self.f(flat.unflatten(v), x)), flat.flatten(z0), max_iter=limit,
+                        tol=self.tol)
+        if not bool(torch.isfinite(result.z).all()):
+            bad = (~torch.isfinite(result.z.detach()).flatten(1).all(1)).nonzero().flatten()
+            raise NonFiniteError(f"{self.name}: NaN or inf in the unrolled iterate of sample(s) {bad.tolist()[:10]} "
+                                 f"after {limit} iterations (bptt); check the input and the layer's weights")
+        return flat.unflatten(result.z), result
 
     @property
     def active_solver(self) -> Callable[..., SolverResult]:

@@ -63,6 +63,29 @@ def test_unrolled_many_steps_equals_exact(layer_and_x):
     assert torch.allclose(g, ref, atol=1e-10)
 
 
+def test_bptt_trains_through_k_iterations_from_z0_and_solves_in_eval(layer_and_x):
+    """backward="bptt": in training, exactly K plain iterations from z0 with autograd through all of
+    them (not the fixed point: K is small); in eval, the solver's fixed point."""
+    layer, x = layer_and_x
+    deq = DEQ(layer, tol=1e-12, max_iter=300, backward="bptt")
+    z, result = deq(x, max_iter=3)
+    ref = unrolled_reference(layer, x, steps=3)
+    assert torch.equal(z, ref) and result.n_iter.eq(3).all()
+    grads = torch.autograd.grad(z.sin().sum(), (x, layer.W))
+    for g, r in zip(grads, torch.autograd.grad(ref.sin().sum(), (x, layer.W))):
+        assert torch.allclose(g, r, atol=1e-14, rtol=0)
+    z_star = unrolled_reference(layer, x)
+    assert (z - z_star).abs().max() > 1e-3  # three iterations are not the equilibrium
+    deq.eval()
+    z_eval, result = deq(x)
+    assert result.converged.all() and torch.allclose(z_eval, z_star, atol=1e-10)
+    x_nan = x.detach().clone()
+    x_nan[2, 0] = float("nan")
+    deq.train()
+    with pytest.raises(NonFiniteError, match=r"sample\(s\) \[2\].*bptt"):
+        deq(x_nan, max_iter=3)
+
+
 def test_forward_is_a_fixed_point(layer_and_x):
     layer, x = layer_and_x
     z, result = exact_deq(layer)(x)
