@@ -132,10 +132,7 @@ class DEQ(nn.Module):
         """Training forward of ``backward="bptt"``: ``limit`` iterations from ``z0``, all differentiable."""
         result = unroll(lambda v: flat.flatten(self.f(flat.unflatten(v), x)), flat.flatten(z0), max_iter=limit,
                         tol=self.tol)
-        if not bool(torch.isfinite(result.z).all()):
-            bad = (~torch.isfinite(result.z.detach()).flatten(1).all(1)).nonzero().flatten()
-            raise NonFiniteError(f"{self.name}: NaN or inf in the unrolled iterate of sample(s) {bad.tolist()[:10]} "
-                                 f"after {limit} iterations (bptt); check the input and the layer's weights")
+        self._raise_if_nonfinite(result, "bptt")  # a fixed budget: not converging is no cause to warn
         return flat.unflatten(result.z), result
 
     @property
@@ -161,17 +158,20 @@ class DEQ(nn.Module):
             static.copy_(x)
         return self._graph_f
 
-    def _check(self, result: SolverResult) -> None:
-        status = result.status
-        solver_name = self.active_solver_name
-        if bool((status == Status.NONFINITE).any()):
-            bad = (status == Status.NONFINITE).nonzero().flatten()
+    def _raise_if_nonfinite(self, result: SolverResult, solver_name: str) -> None:
+        bad = (result.status == Status.NONFINITE).nonzero().flatten()
+        if len(bad):
             steps = result.n_iter[bad]
             raise NonFiniteError(
                 f"{self.name}: NaN or inf in the fixed-point iterate of sample(s) {bad.tolist()[:10]} "
                 f"at solver iteration(s) {steps.tolist()[:10]} ({solver_name}); check the input "
                 "and the layer's weights"
             )
+
+    def _check(self, result: SolverResult) -> None:
+        status = result.status
+        solver_name = self.active_solver_name
+        self._raise_if_nonfinite(result, solver_name)
         if not result.all_converged:
             message = (
                 f"{self.name}: {solver_name} stopped above tol={self.tol:g} ({self.stop_mode}) for "

@@ -193,5 +193,7 @@ def test_unroll_marks_converged_samples_but_never_stops_early():
     assert len(calls) == 5  # a converged sample does not end the loop: the depth is the architecture
     assert result.converged.tolist() == [True, False]
     assert result.status.tolist() == [int(Status.CONVERGED), int(Status.MAX_ITER)]
+    nan = unroll(f, torch.tensor([[2.0], [float("nan")]]), max_iter=3, tol=1e-3)
+    assert nan.status.tolist() == [int(Status.CONVERGED), int(Status.NONFINITE)]
     with pytest.raises(ValueError, match="max_iter"):
         unroll(f, torch.zeros(1, 1), max_iter=0)

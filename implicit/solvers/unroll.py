@@ -32,7 +32,8 @@ def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: flo
 
     Returns:
         A :class:`SolverResult` with ``z = z_K`` and the last step's residual ``||z_K - z_{K-1}||``
-        (absolute and relative to ``||z_K||``), per sample, in float32 or wider. Other solver
+        (absolute and relative to ``||z_K||``), per sample, in float32 or wider; a sample whose
+        ``z_K`` holds NaN or inf has status ``NONFINITE``. Other solver
         options (``stop_mode``, ``check_every``, ...) are accepted and ignored, so ``unroll`` can
         stand wherever a solver is expected.
     """
@@ -47,8 +48,10 @@ def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: flo
         wide = torch.promote_types(z.dtype, torch.float32)
         residual = torch.linalg.vector_norm((z - prev).flatten(1).to(wide), dim=1)
         rel = residual / (torch.linalg.vector_norm(z.flatten(1).to(wide), dim=1) + torch.finfo(wide).tiny)
+        finite = torch.isfinite(z.flatten(1)).all(1)
         converged = rel <= tol if tol is not None else torch.zeros_like(rel, dtype=torch.bool)
-        status = torch.where(converged, int(Status.CONVERGED), int(Status.MAX_ITER)).to(torch.int8)
+        status = torch.where(converged, int(Status.CONVERGED), int(Status.MAX_ITER))
+        status = torch.where(finite, status, int(Status.NONFINITE)).to(torch.int8)
         n_iter = torch.full_like(residual, int(max_iter), dtype=torch.long)
     stats = {"iterates": kept} if iterates else {}
     return SolverResult(z=z, residual=residual, rel_residual=rel, n_iter=n_iter, converged=converged,
