@@ -21,8 +21,8 @@ import time
 
 import torch
 
+from ddim_parallel import digits_teacher  # the same teacher recipe (this script's folder is on sys.path)
 from implicit.diffusion import ddim, deq_ddim, load_local
-from implicit.diffusion.train import TrainConfig, train_teacher
 from implicit.results import target, write_results
 
 # The float32 benchmark's fastest configurations (ddim_parallel.json): window, tol, clip_slope; the
@@ -41,13 +41,7 @@ def main(argv=None) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
     T = 20 if a.small else a.T
-    folder = a.teacher
-    if folder is None:
-        steps = 30 if a.small else a.teacher_steps
-        cfg = TrainConfig(size="tiny" if a.small else "cifar", sample_size=8 if a.small else 32, channels=3,
-                          steps=steps, batch=64, lr=1e-3 if a.small else 3e-4, save_every=steps)
-        folder = train_teacher("runs/ddim_float64_teacher" + ("_small" if a.small else ""), cfg, device=dev,
-                               progress=False)
+    folder = a.teacher or digits_teacher("runs/ddim_float64_teacher", a.small, a.teacher_steps, dev)
     eps, schedule, unet, _ = load_local(folder, device=dev)
     eps64 = type(eps)(copy.deepcopy(unet).double())
     graph = dev.type == "cuda"

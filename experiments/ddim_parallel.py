@@ -53,6 +53,15 @@ from implicit.diffusion.train import TrainConfig, train_teacher
 from implicit.results import target, write_results
 
 
+def digits_teacher(run_dir: str, small: bool, steps: int, dev: torch.device):
+    """The benchmark's model: a CIFAR-size UNet (tiny with ``small``) trained on digits at 32x32
+    (8x8 with ``small``, 30 steps), or the finished one in ``run_dir`` (``_small`` appended)."""
+    steps = 30 if small else steps
+    cfg = TrainConfig(size="tiny" if small else "cifar", sample_size=8 if small else 32, channels=3,
+                      steps=steps, batch=64, lr=1e-3 if small else 3e-4, save_every=steps)
+    return train_teacher(run_dir + ("_small" if small else ""), cfg, device=dev, progress=False)
+
+
 def diffusers_loop(unet, scheduler, x_T, K):
     scheduler.set_timesteps(K)
     x = x_T
@@ -165,12 +174,8 @@ def main(argv=None) -> None:
 
     # 0. the model: a CIFAR-size UNet trained briefly here (or a given folder)
     if a.teacher is None:
-        steps = 30 if a.small else a.teacher_steps
-        cfg = TrainConfig(size="tiny" if a.small else "cifar", sample_size=8 if a.small else 32, channels=3,
-                          steps=steps, batch=64, lr=1e-3 if a.small else 3e-4, save_every=steps)
         t0 = time.perf_counter()
-        folder = train_teacher("runs/ddim_parallel_teacher3" + ("_small" if a.small else ""), cfg, device=dev,
-                               progress=False)
+        folder = digits_teacher("runs/ddim_parallel_teacher3", a.small, a.teacher_steps, dev)
         m["teacher_train_s"] = time.perf_counter() - t0
     else:
         folder = a.teacher
