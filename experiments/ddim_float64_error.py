@@ -1,8 +1,9 @@
 """How far DEQ-DDIM's sample is from the sequential chain once float32 round-off is out of the way.
 
-``ddim_parallel.py`` measures speed in float32, where no sampler can meet a 1e-3 error at T=1000:
-the float32 and float64 sequential samples of the same chain already differ by ~0.05-0.15 (the
-chain amplifies round-off). This script separates the solver's own error from that floor. On the
+``ddim_parallel.py`` measures speed in float32, where no sampler met a 1e-3 error at T=1000 with
+PyTorch's default TF32 convolutions: the float32 and float64 sequential samples of the same chain
+then differ by ~0.02-0.15 (the chain amplifies TF32's round-off; ``--no-tf32`` turns it off here and
+there, and the gap falls to ~3e-5). This script separates the solver's own error from that floor. On the
 same kind of teacher (a CIFAR-size UNet trained here on digits, as in ``ddim_parallel.py``) it
 runs the sliding-window configurations of the float32 benchmark with the UNet in float64, and
 compares each with the float64 sequential sample; the float32 rows beside them repeat the floor.
@@ -36,9 +37,13 @@ def main(argv=None) -> None:
     p.add_argument("--teacher", default=None, help="a local diffusers folder; default: train one here")
     p.add_argument("--teacher-steps", type=int, default=800)
     p.add_argument("--T", type=int, default=1000)
+    p.add_argument("--no-tf32", action="store_true", help="float32 convolutions without TF32 (see ddim_parallel.py)")
     p.add_argument("--out", default="experiments/results")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     t_start = time.perf_counter()
     T = 20 if a.small else a.T
     folder = a.teacher or digits_teacher("runs/ddim_float64_teacher", a.small, a.teacher_steps, dev)
@@ -67,8 +72,10 @@ def main(argv=None) -> None:
                                                      1e-3, "<=")}
     config = {"teacher": str(folder), "teacher_steps": None if a.teacher else (30 if a.small else a.teacher_steps),
               "configs": [dict(window=w, tol=t, clip_slope=c) for w, t, c in CONFIGS], "batch": 1,
-              "graph": graph, "small": a.small}
-    path = write_results("ddim_float64_error", config=config, metrics=metrics, targets=targets, device=dev,
+              "graph": graph, "small": a.small,
+              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    name = "ddim_float64_error" + ("_notf32" if a.no_tf32 else "")
+    path = write_results(name, config=config, metrics=metrics, targets=targets, device=dev,
                          wall_clock_s=time.perf_counter() - t_start, out_dir=a.out)
     print(targets, "\nwrote", path)
 

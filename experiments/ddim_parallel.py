@@ -32,10 +32,14 @@ fails is recorded with its error and the run goes on.
     python experiments/ddim_parallel.py --out DIR  # GPU: at most --budget-s (480 s) + one item + start-up
     python experiments/ddim_parallel.py --small    # a quick CPU check (tiny UNet, T in {10, 20}), ~30 s
     python experiments/ddim_parallel.py --no-clip-sample --out DIR  # the same with clip_sample=False
+    python experiments/ddim_parallel.py --no-tf32 --out DIR  # float32 convolutions without TF32
 
-Why ``--no-clip-sample``: with clip_sample (the DDPM CIFAR-10 default) the chain is non-smooth where
-x0 clips, so float32 round-off flips clip decisions: the float32 and float64 sequential samples
-differ by 0.02-0.16 at T=1000 and no sampler meets a 1e-3 error there (see ddim_float64_error.py).
+Why ``--no-tf32``: PyTorch runs cuDNN convolutions on float32 tensors in TF32 (10-bit mantissa) by
+default on Ampere and newer GPUs, and the 1000-step chain amplifies that round-off: with TF32 the
+float32 and float64 sequential samples differ by 0.02-0.16 at T=1000 and no sampler meets a 1e-3
+error; with it off they differ by ~3e-5 (ddim_parallel_notf32.json), and the window does. Each step
+then costs ~2.4x more (5.9 vs 2.5 ms a sequential step on an H100).
+``--no-clip-sample`` samples the same model without clipping x0 (a smooth chain).
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ class Run:
         self.a, self.dev, self.t_start = a, dev, t_start
         self.metrics = {"stages_done": [], "latency": {}, "throughput": {}, "inversion": {}, "skipped": []}
         self.config = {}
-        self.name = "ddim_parallel" + ("_noclip" if a.no_clip_sample else "") + ("_small" if a.small else "")
+        self.name = "ddim_parallel" + ("_noclip" if a.no_clip_sample else "") + ("_notf32" if a.no_tf32 else "") + (
+            "_small" if a.small else "")
         self.Tmax = 20 if a.small else 1000
 
     def left(self) -> float:
@@ -162,9 +167,15 @@ def main(argv=None) -> None:
     p.add_argument("--inversion-s", type=float, default=30.0, help="time cap of DEQ inversion (backprop: 2.5x)")
     p.add_argument("--no-clip-sample", action="store_true",
                    help="sample with clip_sample=False (a smooth chain; writes ddim_parallel_noclip.json)")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="float32 convolutions and matmuls in full IEEE precision (PyTorch's default runs cuDNN "
+                        "convolutions in TF32 on Ampere and newer); writes ddim_parallel_notf32.json")
     p.add_argument("--out", default="experiments/results")
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     run = Run(a, dev, time.perf_counter())
     m = run.metrics
     Ts = (run.Tmax, 10) if a.small else (run.Tmax, 50, 100, 250)  # the target T first
@@ -190,6 +201,8 @@ def main(argv=None) -> None:
                   "teacher": str(folder), "teacher_steps": None if a.teacher else (30 if a.small else a.teacher_steps),
                   "Ts": list(Ts), "windows": windows, "tol": a.tol, "paradigms_tols": ptols,
                   "clip_slopes": list(clip_slopes), "dtype": "float32",
+                  "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                  "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                   "batch": 1, "scheduler": dict(scheduler.config), "small": a.small, "budget_s": a.budget_s}
     graph = dev.type == "cuda"
     if graph:  # CUDA graphs need a capturable UNet forward; fall back (and say so) if not

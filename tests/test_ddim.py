@@ -273,3 +273,30 @@ def test_sample_cli_under_torchrun_gloo_equals_one_process(tmp_path, method="deq
     # batch 5 vs batches 3 + 2 change float32 rounding, which a random-weight UNet amplifies to ~1e-4;
     # a wrong split or gather differs by O(1)
     torch.testing.assert_close(b["samples"], a["samples"], rtol=0, atol=1e-3)
+
+
+def test_teacher_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """A teacher run killed after its first checkpoint ends, once resumed, with the weights of a run that
+    never stopped; the checkpoint loads with ``weights_only=True`` (tensors and plain values only)."""
+    from implicit.diffusion import train as teacher_train
+
+    cfg = teacher_train.TrainConfig(size="tiny", sample_size=8, steps=4, batch=8, lr=3e-3, save_every=2)
+    whole = UNet2DModel.from_pretrained(teacher_train.train_teacher(tmp_path / "whole", cfg, progress=False) / "unet")
+
+    save = teacher_train._save_atomic
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(teacher_train, "_save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_train.train_teacher(tmp_path / "cut", cfg, progress=False)
+    at_step_2 = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert at_step_2["step"] == 2
+    monkeypatch.setattr(teacher_train, "_save_atomic", save)
+    resumed = UNet2DModel.from_pretrained(teacher_train.train_teacher(tmp_path / "cut", cfg, progress=False) / "unet")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the resumed run trained steps 3 and 4 (it did not just reload the step-2 weights)
+    assert not all(torch.equal(at_step_2["unet"][k], v) for k, v in resumed.state_dict().items())

@@ -114,13 +114,16 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr)
     start = 0
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # on the CPU: RNG states must stay CPU byte tensors (map_location=cuda broke resuming on a GPU)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt["config"] != asdict(config):
             raise ValueError(f"{ckpt_path} was written with a different config; use a new folder or the same options")
         unet.load_state_dict(ckpt["unet"])
-        opt.load_state_dict(ckpt["opt"])
+        opt.load_state_dict(ckpt["opt"])  # moves the state to the parameters' device
         start = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     scheduler = DDIMScheduler(num_train_timesteps=config.num_train_timesteps, clip_sample=True)
     ac = scheduler.alphas_cumprod.to(device)
     images = images.to(device)
@@ -142,7 +145,9 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
             steps.set_postfix(loss=f"{loss.item():.4f}")
         if (i + 1) % config.save_every == 0 or i + 1 == config.steps:
             _save_atomic({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": i + 1,
-                          "config": asdict(config), "rng": torch.get_rng_state()}, ckpt_path)
+                          "config": asdict(config), "rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                         ckpt_path)
     unet.eval()
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out / "pipeline")
     return out / "pipeline"
