@@ -2,6 +2,7 @@
 
 import json
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,18 @@ def test_darcy_task_data_and_training():
     ev = evaluate_darcy(model, train, {"r17_c2": test}, [2, 8])
     assert ev["rel_l2"]["train"]["8"] < 0.5 * before and ev["rel_l2"]["train"]["8"] < 0.3
     assert len(ev["per_sample"]["r17_c2"]["aa"]) == 8 and 0.5 < ev["aa_mean"] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs")
+                                        .glob("path_independence*.toml")), ids=lambda p: p.name)
+def test_shipped_study_configs_build_every_model(path):
+    """Every model of every shipped path-independence config builds (a typo in a GPU config fails here,
+    not minutes into a device run)."""
+    from implicit.studies.models import build_model
+    from implicit.studies.study import load_config, model_specs
+
+    config = load_config(path)
+    for spec in model_specs(config):
+        if spec["task"] != "darcy":
+            net = build_model(spec["task"], spec)
+            assert net.kind == spec.get("kind", "deq")
