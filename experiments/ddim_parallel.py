@@ -38,7 +38,7 @@ Why ``--no-tf32``: PyTorch runs cuDNN convolutions on float32 tensors in TF32 (1
 default on Ampere and newer GPUs, and the 1000-step chain amplifies that round-off: with TF32 the
 float32 and float64 sequential samples differ by 0.02-0.16 at T=1000 and no sampler meets a 1e-3
 error; with it off they differ by ~3e-5 (ddim_parallel_notf32.json), and the window does. Each step
-then costs ~2.4x more (5.9 vs 2.5 ms a sequential step on an H100).
+then costs ~2.3x more (5.9 vs 2.5 ms a sequential step on an H100).
 ``--no-clip-sample`` samples the same model without clipping x0 (a smooth chain).
 """
 
