@@ -249,7 +249,8 @@ def test_inversion_stops_at_its_time_cap(teacher):
     assert res.history[-1][0] >= 0.3  # the last iterate is evaluated although 100 iterations did not pass
 
 
-def test_sample_cli_under_torchrun_gloo_equals_one_process(tmp_path, method="deq"):
+@pytest.mark.parametrize("method", ["deq", "window"])
+def test_sample_cli_under_torchrun_gloo_equals_one_process(tmp_path, method):
     """``implicit diffusion sample`` under torchrun (2 CPU processes, gloo) gathers the same samples as one process."""
     import os
     import subprocess
