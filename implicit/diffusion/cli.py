@@ -90,7 +90,7 @@ def _sample(a) -> None:
             # the window as benchmarked: rounds on window-sized buffers; CUDA-graphed on a GPU
             x0, res = deq_ddim(eps, mine, schedule, a.steps, method=solver, tol=a.tol, window=a.window,
                                chunk=a.chunk, clip_slope=a.clip_slope, backward=None, compact=solver == "window",
-                               graph=device.type == "cuda")
+                               graph=device.type == "cuda" and not a.no_graph)
             info = {"rounds_max": int(res.n_iter.max()), "converged": bool(res.converged.all()),
                     "residual_max": float(res.rel_residual.max())}
     seconds = time.perf_counter() - start
@@ -210,6 +210,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/samples")
     s.add_argument("--device", default=None)
+    s.add_argument("--no-graph", action="store_true",
+                   help="deq/window: no CUDA-graph replay of the rounds (for a UNet whose forward cannot be captured)")
     s.add_argument("--no-tf32", action="store_true",
                    help="float32 convolutions without TF32 (GPU): needed for errors to the sequential sample "
                         "below ~1e-2 at T=1000; each step costs ~2.3x more")
