@@ -43,6 +43,7 @@ _FLAGS = {
     "--batch-size": ("batch_size", int, "global batch size (split across processes)"),
     "--lr": ("lr", float, "learning rate"),
     "--weight-decay": ("weight_decay", float, "Adam weight decay"),
+    "--loss-reduction": ("loss_reduction", str, "mean | sum of the relative L2 over the batch (the paper's code: sum)"),
     "--scheduler": ("scheduler", str, "cosine | step | constant"),
     "--step-size": ("step_size", int, "scheduler=step: epochs between decays"),
     "--gamma": ("gamma", float, "scheduler=step: decay factor"),

@@ -85,6 +85,9 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    # mean | sum over the batch. The paper's code sums; with Adam's coupled weight decay that makes the
+    # decay batch_size times weaker relative to the loss gradient (Adam itself ignores the loss scale).
+    loss_reduction: str = "mean"
     scheduler: str = "cosine"  # cosine (per step) | step | constant
     step_size: int = 100  # scheduler=step: epochs between decays
     gamma: float = 0.5
@@ -108,7 +111,7 @@ class TrainConfig:
         if self.model not in available_models():
             raise ValueError(f'model must be one of {available_models()}, got "{self.model}"')
         checks = {"scheduler": ("cosine", "step", "constant"), "amp": ("none", "bf16", "fp16"),
-                  "noise_on": ("input", "target"), "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
+                  "noise_on": ("input", "target"), "loss_reduction": ("mean", "sum"), "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -512,8 +515,11 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             opt.zero_grad(set_to_none=True)
             with _amp_context(cfg.amp, device):
                 out = model(xb)
-            loss = relative_l2(op.y_normalizer.decode(out.float()), yb).mean()
-            scaler.scale(loss).backward()
+            per_sample = relative_l2(op.y_normalizer.decode(out.float()), yb)
+            loss = per_sample.mean()
+            # DDP averages gradients over ranks, so a sum is scaled by the ranks to stay the global batch's sum
+            objective = loss if cfg.loss_reduction == "mean" else per_sample.sum() * world
+            scaler.scale(objective).backward()
             scaler.step(opt)
             scaler.update()
             if sched is not None and cfg.scheduler == "cosine":

@@ -200,7 +200,8 @@ def test_ns_training_keeps_a_converging_solver(tmp_path):
 
 def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     """``experiments/fno_deq.py --reuse``: a fresh machine takes the finished runs a results file records
-    (so it only trains new seeds), never a cut run, a run it does not plan, or over an existing result."""
+    (so it only trains new seeds), never a cut run, a run it does not plan or planned with other settings,
+    or over an existing result."""
     import importlib.util
     import json
 
@@ -208,9 +209,14 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    jobs = [{"id": f"train-{s}", "kind": "train", "config": {"epochs": 6}} for s in ("a", "b", "c", "d")]
+    jobs = [{"id": f"train-{s}", "kind": "train", "config": {"epochs": 6, "loss_reduction": "mean", "out": s}}
+            for s in ("a", "b", "c", "d", "e", "f")]
+    jobs[5]["config"]["loss_reduction"] = "sum"
     jobs.append({"id": "data-x", "kind": "data", "config": {}})
-    runs = {"train-a": {"epochs_done": 6, "test_rel_l2": 0.1}, "train-b": {"epochs_done": 3, "test_rel_l2": 0.5},
+    runs = {"train-a": {"epochs_done": 6, "test_rel_l2": 0.1, "config": {"epochs": 6, "out": "elsewhere"}},
+            "train-e": {"epochs_done": 6, "config": {"epochs": 6, "loss_reduction": "sum"}},  # other settings
+            "train-f": {"epochs_done": 6, "config": {"epochs": 6}},  # predates loss_reduction: the mean
+            "train-b": {"epochs_done": 3, "test_rel_l2": 0.5},
             "train-c": {"epochs_done": 6, "test_rel_l2": 0.2}, "train-z": {"epochs_done": 6}, "data-x": {"path": "p"},
             "train-d": None}
     results = tmp_path / "fno_deq_ns.json"
@@ -219,7 +225,7 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     (out / "jobs").mkdir(parents=True)
     (out / "jobs" / "train-c.json").write_text(json.dumps({"epochs_done": 6, "test_rel_l2": 0.3}))
     taken = mod.reuse_runs([str(results)], jobs, out)
-    assert taken == ["train-a"]
+    assert taken == ["train-a"]  # finished, planned, same settings (its run folder may differ)
     assert json.loads((out / "jobs" / "train-a.json").read_text()) == runs["train-a"]
     assert json.loads((out / "jobs" / "train-c.json").read_text())["test_rel_l2"] == 0.3
     assert not (out / "jobs" / "train-b.json").exists() and not (out / "jobs" / "data-x.json").exists()

@@ -77,10 +77,13 @@ def _ddp_worker(rank, port, cfg, out):
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path, reduction):
     # norm="none": with instance norm the biases before each norm have zero gradient in exact
-    # arithmetic, and Adam turns their rounding noise into lr-sized, order-dependent steps
-    kw = dict(epochs=2, batch_size=8, scheduler="constant", norm="none")
+    # arithmetic, and Adam turns their rounding noise into lr-sized, order-dependent steps.
+    # A strong weight decay makes a summed loss that is off by the number of ranks show.
+    kw = dict(epochs=2, batch_size=8, scheduler="constant", norm="none", loss_reduction=reduction,
+              weight_decay=0.1 if reduction == "sum" else 1e-4)
     single = train(_cfg(darcy, tmp_path / "one", **kw), progress=False, log=lambda m: None)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -90,6 +93,19 @@ def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path):
     ddp = torch.load(out, weights_only=True)
     for k, v in single["final_state"].items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_summed_loss_is_an_option_that_changes_training(darcy, tmp_path):
+    """``loss_reduction="sum"`` (the paper's code) is used: with weight decay on, it trains to other weights
+    than the mean (Adam ignores the loss scale, not the decay's share of the gradient)."""
+    def final(reduction):
+        cfg = _cfg(darcy, tmp_path / reduction, epochs=2, loss_reduction=reduction, weight_decay=1.0)
+        return train(cfg, progress=False, log=lambda m: None)["final_state"]
+
+    mean, summed = final("mean"), final("sum")
+    assert max(float((mean[k] - summed[k]).abs().max()) for k in mean) > 1e-3
+    with pytest.raises(ValueError, match="loss_reduction"):
+        _cfg(darcy, tmp_path, loss_reduction="max")
 
 
 def test_wrong_variables_or_shapes_fail_clearly(darcy, tmp_path):
