@@ -187,3 +187,24 @@ def test_deadline_stops_at_an_epoch_boundary_and_resumes(darcy, tmp_path):
     assert s["epochs_done"] == 1 and s["stopped_early"]
     s = train(_cfg(darcy, tmp_path / "d", epochs=3), progress=False, log=lambda m: None, deadline=time.time() + 600)
     assert s["epochs_done"] == 3 and not s["stopped_early"] and len(s["history"]) == 3
+
+
+def test_ddp_throughput_experiment_runs_one_and_two_processes(tmp_path):
+    """``experiments/fno_deq_ddp.py --small``: one run per process count (torchrun, gloo), global batch scaled
+    with the processes, throughput from the epoch times, the two-GPU target in the results file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "fno_deq_ddp.py"), "--small", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "fno_deq_ddp_small.json").read_text())
+    runs = res["metrics"]["runs"]
+    assert [runs[k]["global_batch"] for k in ("1", "2")] == [8, 16]
+    assert all(r["samples_per_s"] > 0 and len(r["epoch_times_s"]) == 2 for r in runs.values())
+    ratio = runs["2"]["samples_per_s"] / runs["1"]["samples_per_s"]
+    assert res["targets"]["two_gpu_throughput_over_one"]["value"] == pytest.approx(ratio)
