@@ -23,7 +23,7 @@ import time
 import torch
 
 from ddim_parallel import digits_teacher  # the same teacher recipe (this script's folder is on sys.path)
-from implicit.diffusion import ddim, deq_ddim, load_local
+from implicit.diffusion import ddim, deq_ddim, disable_tf32, load_local
 from implicit.results import target, write_results
 
 # The float32 benchmark's fastest configurations (ddim_parallel.json): window, tol, clip_slope; the
@@ -42,8 +42,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.no_tf32:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        disable_tf32()
     t_start = time.perf_counter()
     T = 20 if a.small else a.T
     folder = a.teacher or digits_teacher("runs/ddim_float64_teacher", a.small, a.teacher_steps, dev)

@@ -52,7 +52,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from implicit.bench._timing import timed
-from implicit.diffusion import DDIMSchedule, ddim, deq_ddim, invert, load_local
+from implicit.diffusion import DDIMSchedule, ddim, deq_ddim, disable_tf32, invert, load_local
 from implicit.diffusion.train import TrainConfig, train_teacher
 from implicit.results import target, write_results
 
@@ -174,8 +174,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.no_tf32:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        disable_tf32()
     run = Run(a, dev, time.perf_counter())
     m = run.metrics
     Ts = (run.Tmax, 10) if a.small else (run.Tmax, 50, 100, 250)  # the target T first

@@ -301,3 +301,15 @@ def test_teacher_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeyp
         assert torch.equal(a, b), name
     # the resumed run trained steps 3 and 4 (it did not just reload the step-2 weights)
     assert not all(torch.equal(at_step_2["unet"][k], v) for k, v in resumed.state_dict().items())
+
+
+def test_disable_tf32_turns_off_tf32_for_convolutions_and_matmuls():
+    from implicit.diffusion import disable_tf32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        disable_tf32()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

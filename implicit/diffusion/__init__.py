@@ -7,8 +7,8 @@ with a ``DDIMScheduler`` comes in through :class:`UNetEps` / :func:`load_local`.
 from .adapter import UNetEps as UNetEps, load_local as load_local
 from .inversion import InversionResult as InversionResult, ddim_invert as ddim_invert, invert as invert
 from .sampling import SAMPLERS as SAMPLERS, DDIMStep as DDIMStep, ddim as ddim, deq_ddim as deq_ddim
-from .sampling import make_noise as make_noise, noise_tol_scale as noise_tol_scale
+from .sampling import disable_tf32 as disable_tf32, make_noise as make_noise, noise_tol_scale as noise_tol_scale
 from .schedule import DDIMSchedule as DDIMSchedule
 
 __all__ = ["DDIMSchedule", "DDIMStep", "InversionResult", "SAMPLERS", "UNetEps", "ddim", "ddim_invert", "deq_ddim",
-           "invert", "load_local", "make_noise", "noise_tol_scale"]
+           "disable_tf32", "invert", "load_local", "make_noise", "noise_tol_scale"]

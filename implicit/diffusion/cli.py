@@ -20,14 +20,6 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _set_precision(a) -> None:
-    """``--no-tf32``: float32 convolutions and matmuls in IEEE precision. PyTorch's default TF32
-    convolutions (Ampere and newer) leave a long chain's float32 samples 1e-2-1e-1 apart."""
-    if a.no_tf32:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
 def _save_grid(images: torch.Tensor, path: Path) -> None:
     import matplotlib
 
@@ -60,12 +52,13 @@ def _train(a) -> None:
 
 def _sample(a) -> None:
     from .adapter import load_local
-    from .sampling import ddim, deq_ddim
+    from .sampling import ddim, deq_ddim, disable_tf32
 
     dist = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     device = _device(a.device)
-    _set_precision(a)
+    if a.no_tf32:
+        disable_tf32()
     if dist:
         import torch.distributed as tdist
 
@@ -146,9 +139,11 @@ def _invert(a) -> None:
 
     from .adapter import load_local
     from .inversion import invert
+    from .sampling import disable_tf32
 
     device = _device(a.device)
-    _set_precision(a)
+    if a.no_tf32:
+        disable_tf32()
     eps, schedule, unet, _ = load_local(a.model, device=device)
     target = _load_image(a.image, eps.sample_shape).to(device)
     out = Path(a.out)
