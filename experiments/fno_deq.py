@@ -29,7 +29,8 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     # a fresh machine adds NS seed 1 to the seed-0 runs recorded in the repo's results file:
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1 --reuse experiments/results/fno_deq_ns.json
     # Darcy, clean data, 3 seeds, 32 epochs: three resumed commands on one warm H100 (fno_deq_darcy_32ep_clean.json)
-    python experiments/fno_deq.py --out /tmp/fd --problems darcy --darcy-settings clean --epochs 32 --seeds 0,1,2 --budget-s 570
+    python experiments/fno_deq.py --out /tmp/fd --problems darcy --darcy-settings clean --epochs 32 \\
+        --seeds 0,1,2 --budget-s 570
 """
 
 from __future__ import annotations
@@ -144,12 +145,14 @@ def plan(args) -> list[dict]:
         batch = 8 if args.small else 32
         settings = darcy_settings() if darcy else ns_settings([float(v) for v in args.ns_noise.split(",") if v])
         if darcy and args.darcy_settings:
-            unknown = set(args.darcy_settings.split(",")) - set(settings)
+            wanted = args.darcy_settings.split(",")
+            unknown = set(wanted) - set(settings)
             if unknown:
                 raise SystemExit(f"--darcy-settings: unknown {sorted(unknown)}; choose from {sorted(settings)}")
-            settings = {k: v for k, v in settings.items() if k in args.darcy_settings.split(",")}
+            settings = {k: v for k, v in settings.items() if k in wanted}
         common = dict(width=8 if args.small else 32, modes=4 if args.small else 12, epochs=epochs, batch_size=batch,
-                      weight_decay=1e-4, loss_reduction=args.loss_reduction, device=args.device, plot=False, eval_every=max(1, epochs // 4),
+                      weight_decay=1e-4, loss_reduction=args.loss_reduction, device=args.device, plot=False,
+                      eval_every=max(1, epochs // 4),
                       data=str(out / "data" / f"{r['name']}_train.h5"))
         if darcy:
             common.update(lr=1e-3, scheduler="cosine", padding=0.1, norm="none")
@@ -504,9 +507,9 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
         return "SMALL CPU smoke run: toy data and model sizes; the numbers mean nothing."
     loss = ("relative L2 loss summed over the batch (the paper's)" if args.loss_reduction == "sum" else
             "relative L2 loss averaged over the batch (paper: summed, which makes Adam's coupled decay 32x weaker)")
-    common = ("every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; per-channel normalisation (paper: pointwise); FNO-DEQ warm-up scaled with "
-              "the epochs (paper: 300 of 16000 steps). Runs train concurrently on one GPU, so epoch times are "
-              "concurrent times. ")
+    common = ("every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; per-channel "
+              "normalisation (paper: pointwise); FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 "
+              "steps). Runs train concurrently on one GPU, so epoch times are concurrent times. ")
     if problem == "darcy":
         return (f"REDUCED protocol: {args.epochs} epochs (paper: 500), seeds {args.seeds} (paper: 3), models FNO-d4, "
                 "FNO++-d4, IFNO (12 unrolled), FNO-DEQ (paper also depth 1, 2); lr 1e-3 cosine per step; no norm "

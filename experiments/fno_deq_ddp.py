@@ -7,7 +7,7 @@ of the paper's Darcy FNO-DEQ config (experiments/configs/darcy-fno-deq.toml) on 
 (the first holds cuDNN autotuning and the allocator's growth; test evaluation is not in the epoch time).
 The runs go one after another, so they never share a GPU.
 
-    python experiments/fno_deq_ddp.py --out DIR            # GPU host with >= 2 GPUs, a few minutes (a guess: not run yet)
+    python experiments/fno_deq_ddp.py --out DIR            # >= 2 GPUs; a few minutes (a guess: not run yet)
     python experiments/fno_deq_ddp.py --small --out /tmp/d  # CPU: gloo, 2 processes, toy sizes (~1 minute)
 
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends are set for the children where unset).

@@ -31,10 +31,10 @@ at width 16 and 11 at width 32 on steady Navier-Stokes inputs, against 0.08 with
 at a relative residual of about 0.6 and more iterations do not help (0.62 after 100). Trained with phantom
 gradients, such a model learns to fit "24 Anderson steps + 3 damped steps" rather than a fixed point: on
 the H100 (experiments/results/fno_deq_ns_instance_norm.json, the run before the norm was dropped) it
-reached train rel L2 0.073 but test 0.165 at test residual 0.38. The gap is the two forwards differing, not overfitting: on the CPU the same model evaluated
-in eval mode on its training samples erred as on the test set (width 16: 0.28 vs 0.27). Without the norm
-the same training converges to relative residual ~1e-7 in ~8 iterations and generalises (CPU, 32x32 NS,
-width 32, 2 seeds: test rel L2 0.044 and 0.040 against 0.230 and 0.510; see
+reached train rel L2 0.073 but test 0.165 at test residual 0.38. The gap is the two forwards differing,
+not overfitting: on the CPU the same model evaluated in eval mode on its training samples erred as on
+the test set (width 16: 0.28 vs 0.27). Without the norm the same training converges to relative
+residual ~1e-7 in ~8 iterations and generalises (CPU, 32x32 NS, width 32, 2 seeds: test rel L2 0.044 and 0.040 against 0.230 and 0.510; see
 ``experiments/configs/ns-fno-deq.toml``). ``group_norm`` (one group: statistics over all channels, so
 channel ratios survive) is contractive at init too (Jacobian norm 0.6 to 1.1), but with little margin: in
 the same CPU run it needed up to 24 iterations early in training. :class:`FNODEQ` warns when built with

@@ -111,7 +111,8 @@ class TrainConfig:
         if self.model not in available_models():
             raise ValueError(f'model must be one of {available_models()}, got "{self.model}"')
         checks = {"scheduler": ("cosine", "step", "constant"), "amp": ("none", "bf16", "fp16"),
-                  "noise_on": ("input", "target"), "loss_reduction": ("mean", "sum"), "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
+                  "noise_on": ("input", "target"), "loss_reduction": ("mean", "sum"),
+                  "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
