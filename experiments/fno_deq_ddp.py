@@ -38,10 +38,10 @@ def train_command(n: int, a, run: Path) -> list[str]:
     launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                  "--nproc_per_node", str(n)]
     args = ["-m", "implicit.cli", "train", "--config", str(a.config), "--data", a.data, "--epochs", str(a.epochs),
-            "--batch-size", str(n * a.per_gpu_batch), "--out", str(run), "--overwrite", "--no-plot", "--quiet"]
+            "--batch-size", str(n * a.per_gpu_batch), "--out", str(run), "--overwrite", "--no-plot", "--quiet",
+            "--pretrain-steps", str(a.pretrain_steps), "--tol", str(a.tol)]
     if a.small:
-        args += ["--device", "cpu", "--width", "8", "--modes", "4", "--max-iter", "4", "--eval-max-iter", "4",
-                 "--pretrain-steps", "1"]
+        args += ["--device", "cpu", "--width", "8", "--modes", "4", "--max-iter", "4", "--eval-max-iter", "4"]
     return launcher + args
 
 
@@ -73,6 +73,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="darcy-85", help="recipe name or *_train.h5 (generated if missing)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--per-gpu-batch", type=int, default=32)
+    p.add_argument("--tol", type=float, default=1e-30,
+                   help="solver tolerance; the default, never reached, runs every solve to max_iter, so that each "
+                        "sample costs the same at every GPU count (with the config's 1e-6 the iteration count "
+                        "follows the training trajectory, which differs with the global batch)")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="unrolled warm-up steps (the config's 300 would leave N GPUs, with N times fewer steps per "
+                        "epoch, in the cheap warm-up for N times as many epochs: unequal work per epoch)")
     p.add_argument("--small", action="store_true", help="CPU, gloo, toy model and data")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     a = p.parse_args(argv)
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
     if 2 in rows and counts[0] == 1:
         targets["two_gpu_throughput_over_one"] = target(rows[2]["samples_per_s"] / ref, 1.8, ">=")
     config = {"gpus": counts, "config": a.config, "data": a.data, "epochs": a.epochs, "per_gpu_batch": a.per_gpu_batch,
-              "small": a.small, "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+              "pretrain_steps": a.pretrain_steps, "tol": a.tol, "small": a.small, "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
               "throughput": "training samples / median epoch time after the first (test evaluation excluded)"}
     name = "fno_deq_ddp" + ("_small" if a.small else "")
     device = torch.device("cpu" if a.small or not torch.cuda.is_available() else "cuda")

@@ -17,7 +17,14 @@ Pipeline (one process, every stage reused when its output already exists):
    (``speed_batch``) and precision as the students (float32, and bfloat16 autocast for both).
 
 Writes experiments/results/get_distill.json (+ .png), or get_distill_darcy / get_distill_ns. ``--small``
-runs everything at toy size on the CPU.
+runs everything at toy size on the CPU. In commands of at most ten minutes, with the students training
+side by side on one GPU (every stage resumes from its files in ``--work``)::
+
+    python experiments/get_distill.py --work W --stop-after pairs
+    for s in get vit_5x vit_plain; do
+        python experiments/get_distill.py --work W --students $s --stop-after train --train-seconds 540 &
+    done; wait                                   # repeat until every student reaches --steps
+    python experiments/get_distill.py --work W   # evaluate and write the results
 """
 
 from __future__ import annotations
@@ -41,14 +48,15 @@ from implicit.get.train import TrainConfig, load_generator, train
 from implicit.results import target, write_results
 from implicit.solvers import NonConvergenceWarning
 
-FULL = dict(teacher_size="small", teacher_steps=3000, teacher_batch=128, teacher_lr=4e-4, n_pairs=24000, holdout=2000,
-            pair_batch=2000, ddim_steps=100, steps=3000, batch=256, lr=3e-4, dim=192, big_dim=384, big_depth=5,
+FULL = dict(teacher_size="small", teacher_steps=3000, teacher_batch=128, teacher_lr=4e-4, n_pairs=40000, holdout=2000,
+            pair_batch=2000, ddim_steps=100, steps=12000, batch=256, lr=3e-4, dim=192, big_dim=384, big_depth=5,
             feat_epochs=20, speed_batch=1024, amp_speed=True)
 SMALL = dict(teacher_size="tiny", teacher_steps=30, teacher_batch=32, teacher_lr=1e-3, n_pairs=256, holdout=64,
              pair_batch=64, ddim_steps=10, steps=40, batch=32, lr=1e-3, dim=32, big_dim=64, big_depth=5,
              feat_epochs=2, speed_batch=64, amp_speed=True)
 
 
+DEFAULT_STUDENTS = ("get", "vit_5x", "vit_plain")
 ROOT = Path(__file__).resolve().parents[1]
 # PDE fields for the teacher: the paper-size recipes, and the tests' tiny ones for --small
 PDE_RECIPES = {"darcy": ("darcy-85.toml", "darcy-tiny.toml"), "ns": ("ns-nu0.01.toml", "ns-tiny.toml")}
@@ -72,28 +80,45 @@ def training_images(data: str, work: Path, device: torch.device, small: bool) ->
                                                   f"the {len(real)} training fields ({recipe.name}, train split)")
 
 
+# other GET designs a run may add with --students (same parameter budget): trained and evaluated
+# like "get", reported beside it; the targets stay on "get"
+GET_VARIANTS = {
+    "get_deep": dict(inj_depth=1, eq_depth=3),  # one injection block, three weight-tied blocks
+    "get_wide": dict(inj_depth=1, eq_mlp_ratio=8.0),  # one injection block, MLPs twice as wide in the two tied ones
+}
+
+
 def students(p: dict) -> dict[str, tuple[str, dict]]:
-    """The three students: (model kind, options). GET runs the paper's 6 plain iterations, in
+    """Every known student: (model kind, options). GET runs the paper's 6 plain iterations, in
     training unrolled with a loss on every iterate (fixed-point correction, weights 0.8**(5-k))."""
     base = dict(image_size=32, channels=1, patch=4)
     heads = max(2, p["dim"] // 64)
+    get = dict(base, dim=p["dim"], heads=heads, inj_depth=2, eq_depth=2, solver="fixed", max_iter=6,
+               injection="every", train_unroll=6, iterate_gamma=0.8)
     return {
-        "get": ("get", dict(base, dim=p["dim"], heads=heads, inj_depth=2, eq_depth=2, solver="fixed", max_iter=6,
-                            injection="every", train_unroll=6, iterate_gamma=0.8)),
+        "get": ("get", get),
         "vit_5x": ("vit", dict(base, dim=p["big_dim"], heads=max(2, p["big_dim"] // 64), depth=p["big_depth"])),
         "vit_plain": ("vit", dict(base, dim=p["dim"], heads=heads, depth=4)),
+        **{name: ("get", dict(get, **over)) for name, over in GET_VARIANTS.items()},
     }
 
 
-def student_configs(p: dict, pairs: Path | str, work: Path, device: torch.device, small: bool = False
-                    ) -> dict[str, TrainConfig]:
-    """One :class:`TrainConfig` per student, identical but for the model: the same pairs, batch,
-    learning-rate schedule and number of steps ``p["steps"]`` (equal training steps, no time cap)."""
+def student_configs(p: dict, pairs: Path | str, work: Path, device: torch.device, small: bool = False,
+                    names: list[str] | None = None) -> dict[str, TrainConfig]:
+    """One :class:`TrainConfig` per student in ``names`` (default: get, vit_5x, vit_plain), identical
+    but for the model: the same pairs, batch, learning-rate schedule and number of steps ``p["steps"]``
+    (equal training steps, no time cap)."""
+    known = students(p)
+    names = names or list(DEFAULT_STUDENTS)
+    unknown = set(names) - set(known)
+    if unknown:
+        raise ValueError(f"unknown students {sorted(unknown)}; known: {sorted(known)}")
     return {name: TrainConfig(pairs=str(pairs), out=str(work / name), model=kind, model_options=opts,
                               steps=p["steps"], batch_size=p["batch"], lr=p["lr"], warmup=min(200, p["steps"] // 10),
                               schedule="cosine", loss="pseudo_huber", ema_decay=0.999 if not small else 0.9,
-                              ckpt_every=max(500, p["steps"] // 4), holdout=p["holdout"], device=str(device))
-            for name, (kind, opts) in students(p).items()}
+                              ckpt_every=max(250, min(1000, p["steps"] // 4)), holdout=p["holdout"],
+                              device=str(device))
+            for name, (kind, opts) in ((n, known[n]) for n in names)}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -106,7 +131,18 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--steps", type=int, help="override the student training steps")
     ap.add_argument("--n-pairs", type=int, help="override the number of pairs (holdout included)")
+    ap.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
+                    help=f"students to train and evaluate; get, vit_5x and vit_plain are always evaluated; "
+                         f"GET variants: {', '.join(GET_VARIANTS)}")
+    ap.add_argument("--stop-after", choices=("pairs", "train"),
+                    help="stop once the pairs and feature net exist, or once --students are trained (no "
+                         "evaluation): to train students in parallel processes on one GPU before one final run")
+    ap.add_argument("--train-seconds", type=float,
+                    help="with --stop-after train: stop each student after this long, checkpointed, to resume")
     args = ap.parse_args(argv)
+    names = [n for n in args.students.split(",") if n]
+    if args.stop_after != "train":
+        names = list(DEFAULT_STUDENTS) + [n for n in names if n not in DEFAULT_STUDENTS]
     p = dict(SMALL if args.small else FULL)
     p["steps"] = args.steps or p["steps"]
     p["n_pairs"] = args.n_pairs or p["n_pairs"]
@@ -146,12 +182,20 @@ def main(argv: list[str] | None = None) -> Path:
     t = time.perf_counter()
     net, acc = train_feature_net(real, labels, epochs=p["feat_epochs"], device=device, cache=work / "featnet.pt")
     stages["feature_net_s"] = time.perf_counter() - t
+    configs = student_configs(p, pairs_path, work, device, args.small, names)
+    if args.stop_after == "pairs":
+        return pairs_path
+    if args.stop_after == "train":
+        for name, cfg in configs.items():
+            summary = train(cfg, data=data, max_seconds=args.train_seconds)
+            print(f"{name}: step {summary['step']} of {p['steps']}")
+        return Path(work)
 
     # 4. students at equal steps
     metrics: dict[str, dict] = {}
     runs = {}
     speed = dict(throughput_batch=p["speed_batch"], amp=p["amp_speed"])
-    for name, cfg in student_configs(p, pairs_path, work, device, args.small).items():
+    for name, cfg in configs.items():
         t = time.perf_counter()
         summary = train(cfg, data=data)
         if summary["step"] != p["steps"]:
@@ -212,6 +256,10 @@ def main(argv: list[str] | None = None) -> Path:
             "get_mse_over_vit_mse": target(g["mse_to_teacher"] / v["mse_to_teacher"], 1.1, "<="),
             f"get_speedup_over_{p['ddim_steps']}_step_teacher": target(speedups[precision], 50.0, ">="),
         }
+        for name in runs:  # every GET design against the same ViT, beside the targets on "get"
+            if name.startswith("get"):
+                metrics[f"{name}_fd_own_over_vit_fd_own"] = metrics[name]["fd_own_vs_teacher"] / v["fd_own_vs_teacher"]
+                metrics[f"{name}_mse_over_vit_mse"] = metrics[name]["mse_to_teacher"] / v["mse_to_teacher"]
         metrics["get_speedup_over_teacher"] = speedups[precision]
         metrics["get_speedup_over_teacher_by_precision"] = speedups
         metrics["get_speedup_precision"] = precision

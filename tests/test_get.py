@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from implicit.get.model import GET, GETConfig, build_model
+from implicit.get.model import GET, GETConfig, build_model, count_params
 from implicit.get.train import TrainConfig, distill_loss, load_generator, train
 
 TINY = dict(image_size=8, channels=1, patch=2, dim=16, heads=2, inj_depth=1, eq_depth=1)
@@ -268,6 +268,21 @@ def test_experiment_trains_every_student_for_the_same_steps(tmp_path):
         rest = [{k: v for k, v in vars(c).items() if k not in ("out", "model", "model_options")} for c in cfgs.values()]
         assert all(r == rest[0] for r in rest) and rest[0]["steps"] == p["steps"]
         assert cfgs["get"].model_options["train_unroll"] == 6 and cfgs["get"].model_options["injection"] == "every"
+    # GET variants train like the others and stay within the 1/4-of-the-ViT parameter budget
+    names = ["get", "vit_5x", *mod.GET_VARIANTS]
+    cfgs = mod.student_configs(mod.FULL, tmp_path / "pairs.h5", tmp_path, torch.device("cpu"), names=names)
+    assert list(cfgs) == names and len({c.steps for c in cfgs.values()}) == 1
+    vit = count_params(build_model("vit", **cfgs["vit_5x"].model_options))
+    for name in mod.GET_VARIANTS:
+        assert count_params(build_model("get", **cfgs[name].model_options)) <= vit / 4
+    with pytest.raises(ValueError, match="unknown students"):
+        mod.student_configs(mod.FULL, tmp_path / "pairs.h5", tmp_path, torch.device("cpu"), names=["get_huge"])
+
+
+def test_eq_mlp_ratio_widens_only_the_equilibrium_blocks():
+    model = build_model("get", image_size=8, patch=4, dim=16, heads=2, inj_depth=1, eq_depth=2, eq_mlp_ratio=8.0)
+    assert model.injection[0].mlp[0].out_features == 64
+    assert all(b.mlp[0].out_features == 128 for b in model.equilibrium.blocks)
 
 
 def test_cluster_labels_separate_distinct_fields():

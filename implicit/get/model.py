@@ -80,6 +80,7 @@ class GETConfig(_Common):
     solver name (``"anderson"``, ``"broyden"``, ``"picard"``) run to ``tol``; ``backward`` is
     ``"phantom"`` (``phantom_steps`` damped steps) or ``"ift"`` (exact implicit gradient).
 
+    ``eq_mlp_ratio`` widens the equilibrium blocks' MLPs alone (the paper's GETs use 6-16 there).
     ``injection``: ``"every"`` adds a per-block projection of the injection to each equilibrium
     block's query/key/value (the paper's design), ``"input"`` only adds it to the state at the
     map's entry. ``train_unroll`` > 0: in training, iterate the map that many times from ``z0``
@@ -91,6 +92,7 @@ class GETConfig(_Common):
 
     inj_depth: int = 2
     eq_depth: int = 2
+    eq_mlp_ratio: float | None = None  # the equilibrium blocks' MLP width (default: mlp_ratio)
     solver: str = "fixed"
     max_iter: int = 6
     eval_max_iter: int | None = None
@@ -202,7 +204,8 @@ class _Equilibrium(nn.Module):
         super().__init__()
         self.dim, self.every = cfg.dim, cfg.injection == "every"
         self.norm = nn.LayerNorm(cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.eq_depth))
+        ratio = cfg.mlp_ratio if cfg.eq_mlp_ratio is None else cfg.eq_mlp_ratio
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, ratio) for _ in range(cfg.eq_depth))
 
     def init_state(self, u: Tensor) -> Tensor:
         return u.new_zeros(*u.shape[:-1], self.dim)
