@@ -117,7 +117,7 @@ def student_configs(p: dict, pairs: Path | str, work: Path, device: torch.device
                               steps=p["steps"], batch_size=p["batch"], lr=p["lr"], warmup=min(200, p["steps"] // 10),
                               schedule="cosine", loss="pseudo_huber", ema_decay=0.999 if not small else 0.9,
                               ckpt_every=max(250, min(1000, p["steps"] // 4)), holdout=p["holdout"],
-                              device=str(device))
+                              eval_every=max(1, p["steps"] // 24), device=str(device))
             for name, (kind, opts) in ((n, known[n]) for n in names)}
 
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> Path:
         runs[name] = cfg
         model = load_generator(cfg.out, device=device)
         metrics[name] = dict(evaluate_generator(model, test["noise"], test["image"], real, net, **speed),
-                             train_steps=summary["step"], final_loss=summary["final_loss"],
+                             train_steps=summary["step"], final_loss=summary["final_loss"], evals=summary["evals"],
                              train_s=summary["seconds"], steps_per_s=summary["step"] / summary["seconds"])
         stages[f"{name}_s"] = time.perf_counter() - t
     metrics["equal_train_steps"] = len({metrics[n]["train_steps"] for n in runs}) == 1
@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> Path:
             metrics["teacher"]["bf16_error"] = repr(err)[:300]
         path, targets = finish()
     _plot(path.with_suffix(".png"), test, runs, metrics, device, p["ddim_steps"])
+    _plot_curves(path.with_name(path.stem + "_curves.png"), runs, metrics)
     print(json.dumps({k: metrics[k] for k in ("get", "vit_5x", "vit_plain", "teacher")}, indent=1, default=float))
     print(json.dumps(targets, indent=1))
     return path
@@ -305,6 +306,33 @@ def _plot(path: Path, test: dict, runs: dict, metrics: dict, device: torch.devic
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(path: Path, runs: dict, metrics: dict) -> None:
+    """Training loss (mean since the last evaluation) and the EMA model's held-out loss against step,
+    one line pair per student: where a student starts to fit its pairs better than new noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, name in enumerate(runs):
+        evals = metrics[name].get("evals") or []
+        if not evals:
+            continue
+        steps = [e["step"] for e in evals]
+        color = f"C{i}"
+        ax.plot(steps, [e["train_loss"] for e in evals], color=color, ls="--", label=f"{name} train")
+        ax.plot(steps, [e["loss"] for e in evals], color=color, label=f"{name} held-out (EMA)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("distillation loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -138,6 +138,27 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
+def test_held_out_evaluations_resume_and_match_the_saved_model(tmp_path):
+    whole = _pairs(12)["train"]
+    data = {"train": {k: None if v is None else v[:8] for k, v in whole.items()},
+            "test": {k: None if v is None else v[8:] for k, v in whole.items()}}
+    common = dict(model="get", model_options=TINY, steps=6, batch_size=4, lr=1e-3, warmup=2, ckpt_every=2,
+                  ema_decay=0.9, holdout=4, eval_every=2, eval_samples=3)
+    a = train(TrainConfig(out=str(tmp_path / "a"), **common), data=data, progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), **common), data=data, progress=False, stop_at=3)
+    b = train(TrainConfig(out=str(tmp_path / "b"), **common), data=data, progress=False)
+    assert [e["step"] for e in a["evals"]] == [2, 4, 6] and a["evals"] == b["evals"]
+    # the last evaluation is the saved EMA model's loss and MSE on the first 3 held-out pairs
+    model = load_generator(tmp_path / "a")
+    with torch.no_grad():
+        pred = model(data["test"]["noise"][:3])
+    last = a["evals"][-1]
+    assert last["mse"] == pytest.approx(float((pred - data["test"]["image"][:3]).pow(2).mean()), rel=1e-5)
+    assert last["loss"] == pytest.approx(float(distill_loss(pred, data["test"]["image"][:3])), rel=1e-5)
+    with pytest.raises(ValueError, match="holdout"):
+        TrainConfig(eval_every=10)
+
+
 def _fake_teacher(x, y=None):
     return torch.tanh(3 * x)
 

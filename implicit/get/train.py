@@ -54,6 +54,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     ckpt_every: int = 500
     holdout: int = 0  # last pairs of the file kept out of training (for evaluation)
+    eval_every: int = 0  # > 0: every this many steps (and at the end), the EMA model's held-out loss and MSE
+    eval_samples: int = 512  # held-out pairs those evaluations use (the first ones)
     seed: int = 0
     device: str = "auto"
     amp: bool = False  # bfloat16 autocast on CUDA
@@ -67,6 +69,9 @@ class TrainConfig:
             raise ValueError(f'schedule must be "constant" or "cosine", got "{self.schedule}"')
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.eval_every < 0 or (self.eval_every > 0 and (self.holdout < 1 or self.eval_samples < 1)):
+            raise ValueError(f"eval_every > 0 needs holdout >= 1 and eval_samples >= 1, got eval_every "
+                             f"{self.eval_every}, holdout {self.holdout}, eval_samples {self.eval_samples}")
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
@@ -115,6 +120,22 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
+@torch.no_grad()
+def _held_out(model: nn.Module, noise: Tensor, image: Tensor, label: Tensor | None, cfg: TrainConfig,
+              batch: int = 256) -> dict[str, float]:
+    """The training loss and the per-pixel MSE of ``model`` (in eval mode, as it samples) on held-out pairs."""
+    was_training = model.training
+    model.eval()
+    loss = mse = 0.0
+    for i in range(0, len(noise), batch):
+        pred = model(noise[i:i + batch], None if label is None else label[i:i + batch]).float()
+        n = len(pred)
+        loss += float(distill_loss(pred, image[i:i + batch], cfg.loss, cfg.huber_c)) * n
+        mse += float((pred - image[i:i + batch]).pow(2).mean()) * n
+    model.train(was_training)
+    return {"loss": loss / len(noise), "mse": mse / len(noise)}
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -156,18 +177,26 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     noise, image = data["train"]["noise"].to(device), data["train"]["image"].to(device)
     label = data["train"]["label"]
     label = label.to(device) if label is not None else None
+    held = None
+    if cfg.eval_every > 0:
+        test = data["test"]
+        if len(test["noise"]) == 0:
+            raise ValueError("eval_every > 0 needs held-out pairs: set holdout")
+        k = min(cfg.eval_samples, len(test["noise"]))
+        held = (test["noise"][:k].to(device), test["image"][:k].to(device),
+                None if test["label"] is None else test["label"][:k].to(device))
 
     model = _new_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history, seconds_before = 0, [], 0.0
+    step, history, evals, seconds_before = 0, [], [], 0.0
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
+        step, history, evals = state["step"], state["history"], state.get("evals", [])
         seconds_before = state.get("seconds", 0.0)  # training time of earlier calls, so a resumed run reports the total
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if distributed else model
@@ -175,7 +204,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     def save() -> None:
         if rank == 0:
             _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "step": step, "history": history, "config": dataclasses.asdict(cfg),
+                          "step": step, "history": history, "evals": evals, "config": dataclasses.asdict(cfg),
                           "seconds": seconds_before + time.perf_counter() - start}, ckpt)
         if distributed:
             dist.barrier()
@@ -218,10 +247,14 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
             bar.set_postfix(loss=f"{sum(history[-50:]) / 50:.4f}")
         if max_seconds is not None and step % 10 == 0 and time.perf_counter() - start > max_seconds:
             end = step  # out of time: stop here, checkpointed, as an interrupted run would
+        if held is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            recent = history[-cfg.eval_every:]
+            evals.append({"step": step, "train_loss": sum(recent) / len(recent), **_held_out(ema, *held, cfg)})
         if step % cfg.ckpt_every == 0 or step == end:
             save()
     bar.close()
     summary = {"step": step, "final_loss": history[-1] if history else None, "params": count_params(model),
+               "evals": evals,
                "seconds": seconds_before + time.perf_counter() - start, "checkpoint": str(ckpt)}
     if rank == 0 and step >= cfg.steps:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
