@@ -5,9 +5,11 @@ Each GPU count is one ``implicit train`` run (``torchrun --standalone --nproc_pe
 of the paper's Darcy FNO-DEQ config (experiments/configs/darcy-fno-deq.toml) on darcy-85, global batch
 ``N x --per-gpu-batch``; throughput = training samples / the median epoch time after the first epoch
 (the first holds cuDNN autotuning and the allocator's growth; test evaluation is not in the epoch time).
-The runs go one after another, so they never share a GPU.
+The runs go one after another, so they never share a GPU. Every sample costs the same work at every
+GPU count: no unrolled warm-up steps and every Anderson solve run to its 32 iterations (``--pretrain-steps``,
+``--tol``: see their help for why).
 
-    python experiments/fno_deq_ddp.py --out DIR            # >= 2 GPUs; a few minutes (a guess: not run yet)
+    python experiments/fno_deq_ddp.py --out DIR            # >= 2 GPUs; 8 epochs: ~2 minutes on two H200s
     python experiments/fno_deq_ddp.py --small --out /tmp/d  # CPU: gloo, 2 processes, toy sizes (~1 minute)
 
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends are set for the children where unset).
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", default="1,2", help="process counts to compare (the first is the reference)")
     p.add_argument("--config", default=str(ROOT / "experiments" / "configs" / "darcy-fno-deq.toml"))
     p.add_argument("--data", default="darcy-85", help="recipe name or *_train.h5 (generated if missing)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--per-gpu-batch", type=int, default=32)
     p.add_argument("--tol", type=float, default=1e-30,
                    help="solver tolerance; the default, never reached, runs every solve to max_iter, so that each "
