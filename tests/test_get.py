@@ -157,6 +157,8 @@ def test_held_out_evaluations_resume_and_match_the_saved_model(tmp_path):
     assert last["loss"] == pytest.approx(float(distill_loss(pred, data["test"]["image"][:3])), rel=1e-5)
     with pytest.raises(ValueError, match="holdout"):
         TrainConfig(eval_every=10)
+    with pytest.raises(ValueError, match="held-out pairs"):
+        train(TrainConfig(out=str(tmp_path / "c"), **common), data=_pairs(), progress=False)
 
 
 def _fake_teacher(x, y=None):

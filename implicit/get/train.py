@@ -123,7 +123,7 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 @torch.no_grad()
 def _held_out(model: nn.Module, noise: Tensor, image: Tensor, label: Tensor | None, cfg: TrainConfig,
               batch: int = 256) -> dict[str, float]:
-    """The training loss and the per-pixel MSE of ``model`` (in eval mode, as it samples) on held-out pairs."""
+    """The distillation loss and the per-pixel MSE of ``model`` (in eval mode, as it samples) on held-out pairs."""
     was_training = model.training
     model.eval()
     loss = mse = 0.0
@@ -179,8 +179,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     label = label.to(device) if label is not None else None
     held = None
     if cfg.eval_every > 0:
-        test = data["test"]
-        if len(test["noise"]) == 0:
+        test = data.get("test")
+        if not test or len(test["noise"]) == 0:
             raise ValueError("eval_every > 0 needs held-out pairs: set holdout")
         k = min(cfg.eval_samples, len(test["noise"]))
         held = (test["noise"][:k].to(device), test["image"][:k].to(device),
