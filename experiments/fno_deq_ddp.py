@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     if 2 in rows and counts[0] == 1:
         targets["two_gpu_throughput_over_one"] = target(rows[2]["samples_per_s"] / ref, 1.8, ">=")
     config = {"gpus": counts, "config": a.config, "data": a.data, "epochs": a.epochs, "per_gpu_batch": a.per_gpu_batch,
-              "pretrain_steps": a.pretrain_steps, "tol": a.tol, "small": a.small, "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+              "pretrain_steps": a.pretrain_steps, "tol": a.tol, "small": a.small,
+              "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
               "throughput": "training samples / median epoch time after the first (test evaluation excluded)"}
     name = "fno_deq_ddp" + ("_small" if a.small else "")
     device = torch.device("cpu" if a.small or not torch.cuda.is_available() else "cuda")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .evaluate import generate
 from .model import build_model, count_params
 from .pairs import load_pairs
 
@@ -121,19 +122,15 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def _held_out(model: nn.Module, noise: Tensor, image: Tensor, label: Tensor | None, cfg: TrainConfig,
-              batch: int = 256) -> dict[str, float]:
+def _held_out(model: nn.Module, noise: Tensor, image: Tensor, label: Tensor | None,
+              cfg: TrainConfig) -> dict[str, float]:
     """The distillation loss and the per-pixel MSE of ``model`` (in eval mode, as it samples) on held-out pairs."""
     was_training = model.training
     model.eval()
-    loss = mse = 0.0
-    for i in range(0, len(noise), batch):
-        pred = model(noise[i:i + batch], None if label is None else label[i:i + batch]).float()
-        n = len(pred)
-        loss += float(distill_loss(pred, image[i:i + batch], cfg.loss, cfg.huber_c)) * n
-        mse += float((pred - image[i:i + batch]).pow(2).mean()) * n
+    pred = generate(model, noise, label)
     model.train(was_training)
-    return {"loss": loss / len(noise), "mse": mse / len(noise)}
+    image = image.float()
+    return {"loss": float(distill_loss(pred, image, cfg.loss, cfg.huber_c)), "mse": float((pred - image).pow(2).mean())}
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -182,9 +179,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
         test = data.get("test")
         if not test or len(test["noise"]) == 0:
             raise ValueError("eval_every > 0 needs held-out pairs: set holdout")
-        k = min(cfg.eval_samples, len(test["noise"]))
-        held = (test["noise"][:k].to(device), test["image"][:k].to(device),
-                None if test["label"] is None else test["label"][:k].to(device))
+        k = min(cfg.eval_samples, len(test["noise"]))  # generate() moves each batch to the model's device
+        held = (test["noise"][:k], test["image"][:k], None if test["label"] is None else test["label"][:k])
 
     model = _new_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
