@@ -31,6 +31,10 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     # Darcy, clean data, 3 seeds, 32 epochs: three resumed commands on one warm H100 (fno_deq_darcy_32ep_clean.json)
     python experiments/fno_deq.py --out /tmp/fd --problems darcy --darcy-settings clean --epochs 32 \\
         --seeds 0,1,2 --budget-s 570
+    # the paper's summed loss, 64 epochs, FNO-DEQ and FNO++ only (fno_deq_darcy_64ep_sum_clean.json): FNO++ takes
+    # one ~9-minute command (6 runs at once), the three DEQs two more on a warm machine (3 at once, 13.5 s an epoch)
+    python experiments/fno_deq.py --out /tmp/fd --problems darcy --darcy-settings clean --models fno-deq,fno++-d4 \
+        --epochs 64 --seeds 0,1,2 --loss-reduction sum --jobs 3 --budget-s 565
 """
 
 from __future__ import annotations
