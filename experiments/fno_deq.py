@@ -591,7 +591,7 @@ def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None
 
 # ----------------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -620,7 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns-noise", default="0.004", help="NS maximum noise variances (paper: 0.001,0.004)")
     p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
                    help="take the finished runs a results file records instead of training them again")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.worker:
         return _worker(args.worker)
     if args.small:

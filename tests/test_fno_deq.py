@@ -229,3 +229,23 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     assert json.loads((out / "jobs" / "train-a.json").read_text()) == runs["train-a"]
     assert json.loads((out / "jobs" / "train-c.json").read_text())["test_rel_l2"] == 0.3
     assert not (out / "jobs" / "train-b.json").exists() and not (out / "jobs" / "data-x.json").exists()
+
+
+def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
+    """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
+    and a misspelt name stops the command before anything runs."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
+    spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = ["--small", "--problems", "darcy", "--device", "cpu", "--out", str(tmp_path)]
+    trains = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-deq,fno++-d4"]))
+              if j["kind"] == "train"]
+    assert sorted({j["model"] for j in trains}) == ["fno++-d4", "fno-deq"]
+    everything = [j for j in mod.plan(mod.build_parser().parse_args(base)) if j["kind"] == "train"]
+    assert {j["model"] for j in everything} == {"fno-d4", "fno++-d4", "ifno", "fno-deq"}
+    assert len(trains) == sum(j["model"] in ("fno-deq", "fno++-d4") for j in everything)
+    with pytest.raises(SystemExit, match="fno-dq"):
+        mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-dq"]))
