@@ -223,3 +223,19 @@ def test_shipped_study_configs_build_every_model(path):
         if spec["task"] != "darcy":
             net = build_model(spec["task"], spec)
             assert net.kind == spec.get("kind", "deq")
+
+
+def test_study_warns_when_models_on_the_clock_share_too_few_cores():
+    """More workers than CPU cores starves models trained for ``train_seconds`` (fewer steps each): the
+    study says so; models trained for a number of epochs, or enough cores, give no warning."""
+    import warnings
+
+    from implicit.studies.study import warn_if_oversubscribed
+
+    timed = [{"name": "a", "train_seconds": 60}, {"name": "b"}]
+    with pytest.warns(RuntimeWarning, match="3 workers on 2 CPU cores"):
+        warn_if_oversubscribed(timed, workers=3, cpus=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_oversubscribed(timed, workers=2, cpus=2)
+        warn_if_oversubscribed([{"name": "b", "epochs": 3}], workers=3, cpus=2)
