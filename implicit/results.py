@@ -54,6 +54,22 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return path
 
 
+def save_torch_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path`` and rename it into place, so a run killed
+    mid-write leaves the previous checkpoint, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_results(
     name: str,
     *,

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np

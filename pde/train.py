@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from implicit.results import save_torch_atomic
+
 from .datasets import IO_VARIABLES, REPO_ROOT, ChannelNormalizer, PDEDataset, generate_split, load_recipe
 from .models import Operator, build_model, count_parameters, load_model
 
@@ -326,12 +328,6 @@ def _distributed() -> tuple[int, int, int | None]:
     return 0, 1, None
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _amp_context(amp: str, device: torch.device):
     import contextlib
 
@@ -556,7 +552,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 record["test_solver_residual"] = float(stats["residual"].mean())  # absolute
                 record["test_solver_rel_residual"] = float(stats["rel_residual"].mean())
             history.append(record)
-            _save_atomic({
+            save_torch_atomic({
                 "model": op.state_dict(), "model_config": op.net.config(), "train_config": dataclasses.asdict(cfg),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                 "epoch": epoch + 1, "history": history, "data": {"train": str(train_path), "test": str(test_path)},

@@ -284,18 +284,18 @@ def test_teacher_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeyp
     cfg = teacher_train.TrainConfig(size="tiny", sample_size=8, steps=4, batch=8, lr=3e-3, save_every=2)
     whole = UNet2DModel.from_pretrained(teacher_train.train_teacher(tmp_path / "whole", cfg, progress=False) / "unet")
 
-    save = teacher_train._save_atomic
+    save = teacher_train.save_torch_atomic
 
     def save_then_die(obj, path):
         save(obj, path)
         raise KeyboardInterrupt  # killed right after the step-2 checkpoint
 
-    monkeypatch.setattr(teacher_train, "_save_atomic", save_then_die)
+    monkeypatch.setattr(teacher_train, "save_torch_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         teacher_train.train_teacher(tmp_path / "cut", cfg, progress=False)
     at_step_2 = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert at_step_2["step"] == 2
-    monkeypatch.setattr(teacher_train, "_save_atomic", save)
+    monkeypatch.setattr(teacher_train, "save_torch_atomic", save)
     resumed = UNet2DModel.from_pretrained(teacher_train.train_teacher(tmp_path / "cut", cfg, progress=False) / "unet")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

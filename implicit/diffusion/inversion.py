@@ -54,7 +54,6 @@ def ddim_invert(eps: EpsFn, x_0: Tensor, schedule: DDIMSchedule, n_steps: int) -
     """
     step = _stepper(eps, schedule, n_steps, 0.0, x_0)
     c = step.c
-    view = (-1,) + (1,) * (x_0.dim() - 1)
     x = x_0
     with torch.no_grad():
         for k in reversed(range(n_steps)):

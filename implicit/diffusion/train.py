@@ -10,13 +10,13 @@ output folder, written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..results import save_torch_atomic
 
 __all__ = ["TrainConfig", "UNET_SIZES", "make_unet", "load_images", "train_teacher"]
 
@@ -93,13 +93,6 @@ class TrainConfig:
     save_every: int = 500
 
 
-def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: str | torch.device = "cpu",
                   progress: bool = True) -> Path:
     """Train (or resume) a teacher in ``out``; returns the folder holding the saved pipeline."""
@@ -144,7 +137,7 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
         if progress:
             steps.set_postfix(loss=f"{loss.item():.4f}")
         if (i + 1) % config.save_every == 0 or i + 1 == config.steps:
-            _save_atomic({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": i + 1,
+            save_torch_atomic({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": i + 1,
                           "config": asdict(config), "rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                          ckpt_path)

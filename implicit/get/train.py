@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..results import save_torch_atomic
 from .evaluate import generate
 from .model import build_model, count_params
 from .pairs import load_pairs
@@ -133,12 +134,6 @@ def _held_out(model: nn.Module, noise: Tensor, image: Tensor, label: Tensor | No
     return {"loss": float(distill_loss(pred, image, cfg.loss, cfg.huber_c)), "mse": float((pred - image).pow(2).mean())}
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _new_model(cfg: TrainConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model, **cfg.model_options)
@@ -199,7 +194,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
 
     def save() -> None:
         if rank == 0:
-            _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            save_torch_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "step": step, "history": history, "evals": evals, "config": dataclasses.asdict(cfg),
                           "seconds": seconds_before + time.perf_counter() - start}, ckpt)
         if distributed:

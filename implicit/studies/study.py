@@ -23,7 +23,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from implicit.results import target, write_json_atomic, write_results
+from implicit.results import save_torch_atomic, target, write_json_atomic, write_results
 
 from .data import TaskSet
 from .evaluate import alignment_scores, correct_per_iters, residual_trace, spearman
@@ -118,18 +117,6 @@ def task_data(run_dir: Path, task: str, cfg: dict, seed: int) -> tuple[TaskSet, 
     return train, tests
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _load_if_same(path: Path, spec: dict, loader) -> Any:
     if not path.exists():
         return None
@@ -172,7 +159,7 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
         info = train_model(model, train_set, spec, device=device, progress=report, deadline=deadline)
         bar.close()
         ckpt = {"spec": spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": info}
-        _save_atomic(ckpt, ckpt_path)
+        save_torch_atomic(ckpt, ckpt_path)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     evaluation = evaluate_model(model, train_set, tests, cfg, config, device)
