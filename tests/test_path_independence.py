@@ -239,3 +239,65 @@ def test_study_warns_when_models_on_the_clock_share_too_few_cores():
         warnings.simplefilter("error")
         warn_if_oversubscribed(timed, workers=2, cpus=2)
         warn_if_oversubscribed([{"name": "b", "epochs": 3}], workers=3, cpus=2)
+
+
+def test_training_killed_midway_resumes_to_the_uninterrupted_weights(tmp_path):
+    """A study model killed in its second epoch continues from its saved training state (weights,
+    optimiser, random streams, place in the epoch) and ends with the weights of a run that never
+    stopped; a state saved for another spec is ignored."""
+    from implicit.studies.models import build_model
+    from implicit.studies.train import train_model
+
+    data = make_mazes(24, 5, seed=0)
+    spec = {"kind": "deq", "width": 8, "budget": [2, 5], "init": "random", "epochs": 3, "batch_size": 8,
+            "lr": 3e-3, "tol": 1e-3, "augment": True, "progressive": 0.5}
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model("maze", spec)
+
+    whole = fresh()
+    full = train_model(whole, data, spec)
+
+    def killed_at_step_5(step, total, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_model(fresh(), data, spec, progress=killed_at_step_5, resume=state, save_every_s=0.0)
+    torch.manual_seed(123)  # a new process: the global random stream has moved on
+    resumed = fresh()
+    torch.manual_seed(123)
+    info = train_model(resumed, data, spec, resume=state, save_every_s=0.0)
+    assert info["steps"] == full["steps"] == 9
+    assert info["loss_history"] == full["loss_history"]
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = dict(spec, lr=1e-3)
+    assert len(train_model(fresh(), data, other, resume=state)["loss_history"]) == 9  # from step 0
+
+
+def test_study_model_cut_by_the_deadline_keeps_its_training_state_until_finished(tmp_path):
+    """The study's training wrapper: a model stopped by the study's deadline leaves its training state
+    beside its checkpoint; the next study run trains on from that step to the end, then drops the state."""
+    import time
+
+    from implicit.studies.models import build_model
+    from implicit.studies.study import train_and_checkpoint
+
+    data = make_mazes(16, 5, seed=0)
+    spec = {"name": "m", "kind": "recurrent", "width": 8, "budget": 3, "epochs": 2, "batch_size": 8, "lr": 3e-3}
+    torch.manual_seed(0)
+    cut = train_and_checkpoint(build_model("maze", spec), data, spec, tmp_path, deadline=time.time() + 1.0,
+                               progress=lambda step, total, loss: time.sleep(0.6))  # the clock runs out mid-training
+    assert cut["train"]["stopped_by"] == "deadline" and 1 <= cut["train"]["steps"] < 4
+    assert (tmp_path / "partial" / "m.pt").exists() and (tmp_path / "models" / "m.pt").exists()
+    seen = []
+    done = train_and_checkpoint(build_model("maze", spec), data, spec, tmp_path,
+                                progress=lambda step, total, loss: seen.append(step))
+    assert seen == list(range(cut["train"]["steps"] + 1, 5))  # on from where it stopped, not from step 1
+    assert done["train"]["stopped_by"] == "epochs" and done["train"]["steps"] == 4
+    assert done["train"]["loss_history"][: cut["train"]["steps"]] == cut["train"]["loss_history"]
+    assert not (tmp_path / "partial" / "m.pt").exists()
+    assert torch.load(tmp_path / "models" / "m.pt", weights_only=False)["train"]["steps"] == 4

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from implicit import __version__ as _version
-from implicit.results import save_torch_atomic, write_json_atomic
+from implicit.results import write_json_atomic
 from implicit.solvers import NonConvergenceWarning
 
 from .data import TaskSet
@@ -190,8 +190,7 @@ def evaluate_darcy(model: DarcyNet, train_set: TaskSet, tests: dict[str, TaskSet
 def run_darcy_model(spec: dict, config: dict, run_dir: Path, device: torch.device, *,
                     deadline: float | None = None) -> dict | None:
     """Train (unless checkpointed) and evaluate one Darcy model of the study; ``None`` if past ``deadline``."""
-    from .study import _load_if_same
-    from .train import train_model
+    from .study import _load_if_same, train_and_checkpoint
 
     name, cfg = spec["name"], config["tasks"]["darcy"]
     train_set, tests = darcy_data(run_dir, cfg, int(config.get("seed", 0)))
@@ -206,9 +205,8 @@ def run_darcy_model(spec: dict, config: dict, run_dir: Path, device: torch.devic
             return None
         # train_model calls encoder / cell / head directly: hand it the model's features and scaled targets
         scaled = TaskSet(model.features(train_set.x), train_set.y / model.u_scale, train_set.mask)
-        info = train_model(model, scaled, spec, device=device, deadline=deadline, loss_fn=interior_mse)
-        ckpt = {"spec": spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": info}
-        save_torch_atomic(ckpt, ckpt_path)
+        ckpt = train_and_checkpoint(model, scaled, spec, run_dir, device=device, deadline=deadline,
+                                    loss_fn=interior_mse)
     model.load_state_dict(ckpt["state_dict"])
     iters = [int(k) for k in cfg.get("eval_iters", [5, 20, 60])]
     ev = evaluate_darcy(model, train_set, tests, iters, aa_iters=cfg.get("aa_iters"),

@@ -8,7 +8,8 @@ Speed and time (config top level): ``workers = N`` trains and evaluates N models
 processes (small models leave a GPU mostly idle between kernel launches, so several share it well);
 ``time_budget_s`` is a wall-clock budget for the whole study: training stops ``eval_reserve_s``
 before it, models not yet started are skipped (listed in ``metrics.skipped``), and the results file
-is still written. A model cut off by the budget is retrained when the study is run again.
+is still written. A model cut off by the budget (or a killed study) continues from its saved training
+state (``partial/<name>.pt``, saved every minute) when the study is run again.
 
 The across-model correlation follows the paper's population: models that fit their training
 distribution (in-distribution accuracy at least ``fit_threshold``, default 0.9); the value over
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from implicit.results import save_torch_atomic, target, write_json_atomic, write_results
@@ -124,6 +126,19 @@ def _load_if_same(path: Path, spec: dict, loader) -> Any:
     return obj if obj.get("spec") == spec else None
 
 
+def train_and_checkpoint(model: nn.Module, data: TaskSet, spec: dict, run_dir: Path, **train_kw: Any) -> dict:
+    """Train ``model`` (continuing the saved training state in ``partial/<name>.pt`` if a killed or
+    cut-off run left one), write its checkpoint to ``models/<name>.pt`` and return it; the training
+    state is kept only while the training is unfinished (stopped by the study's deadline)."""
+    partial = Path(run_dir) / "partial" / f"{spec['name']}.pt"
+    info = train_model(model, data, spec, resume=partial, **train_kw)
+    ckpt = {"spec": spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": info}
+    save_torch_atomic(ckpt, Path(run_dir) / "models" / f"{spec['name']}.pt")
+    if info["stopped_by"] != "deadline":
+        partial.unlink(missing_ok=True)
+    return ckpt
+
+
 def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, progress: bool,
               deadline: float | None = None) -> dict | None:
     """Train (unless checkpointed) and evaluate (unless evaluated) one model; returns its evaluation,
@@ -144,7 +159,7 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
     ckpt_path = run_dir / "models" / f"{name}.pt"
     ckpt = _load_if_same(ckpt_path, spec, lambda p: torch.load(p, map_location="cpu", weights_only=False))
     if ckpt is not None and ckpt["train"].get("stopped_by") == "deadline":
-        ckpt = None  # cut off by an earlier run's budget: train it properly this time
+        ckpt = None  # cut off by an earlier run's budget: train on from where it stopped
     if ckpt is None and deadline is not None and time.time() >= deadline:
         return None
     if ckpt is None:
@@ -156,10 +171,8 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        info = train_model(model, train_set, spec, device=device, progress=report, deadline=deadline)
+        ckpt = train_and_checkpoint(model, train_set, spec, run_dir, device=device, progress=report, deadline=deadline)
         bar.close()
-        ckpt = {"spec": spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": info}
-        save_torch_atomic(ckpt, ckpt_path)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     evaluation = evaluate_model(model, train_set, tests, cfg, config, device)

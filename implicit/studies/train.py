@@ -34,6 +34,7 @@ Interventions that penalise it:
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable
@@ -41,6 +42,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from implicit.results import save_torch_atomic
 from implicit.solvers import NonConvergenceWarning, unroll
 
 from .data import TaskSet
@@ -146,6 +148,8 @@ def train_model(
     progress: Callable[[int, int, float], None] | None = None,
     deadline: float | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    resume: str | os.PathLike | None = None,
+    save_every_s: float = 60.0,
 ) -> dict:
     """Train ``model`` on ``data`` following ``spec``; returns the loss history and timing.
 
@@ -159,6 +163,10 @@ def train_model(
     ``deadline`` (a :func:`time.time` value) stops training at once, schedule or not (the study's
     overall budget); the result then says ``"stopped_by": "deadline"``.
     ``progress(step, total, loss)`` is called every step.
+    ``resume``: a file for the training state (weights, optimiser, random streams, place in the epoch,
+    clock), written atomically every ``save_every_s`` seconds and when the deadline stops training,
+    and read at the start when it holds the same ``spec``: a killed or cut-off training continues where
+    it stopped, and one counted in epochs ends with the weights of a run that never stopped.
     """
     model.to(device).train()
     epochs, batch_size = int(spec.get("epochs", 5)), int(spec.get("batch_size", 64))
@@ -183,7 +191,25 @@ def train_model(
     if progressive > 0 and not model.iterative:
         raise ValueError("progressive > 0 needs an iterative model (deq or recurrent), not a feed-forward stack")
     x_all, y_all = data.x.to(device), data.y.to(device)
-    history, start, step, stopped_by = [], time.perf_counter(), 0, "epochs"
+    history, step, stopped_by, elapsed = [], 0, "epochs", 0.0
+    epoch0, position0, order0 = 0, 0, None
+    state = _load_training_state(resume, spec)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        gen.set_state(state["generator"])
+        _set_global_rng(state["global_rng"])
+        history, step, elapsed = state["history"], state["step"], state["elapsed"]
+        epoch0, position0, order0 = state["epoch"], state["position"], state["order"]
+    start = time.perf_counter() - elapsed
+    last_save = time.perf_counter()
+
+    def save_state(epoch: int, position: int, order: Tensor) -> None:
+        if resume is not None:
+            save_torch_atomic({"spec": spec, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                               "generator": gen.get_state(), "global_rng": _global_rng(), "step": step,
+                               "history": history, "elapsed": time.perf_counter() - start, "epoch": epoch,
+                               "position": position, "order": order.cpu()}, resume)
 
     def set_lr(frac: float) -> None:
         scale = min(1.0, (frac + 1e-9) / warmup) if warmup > 0 else 1.0
@@ -195,17 +221,21 @@ def train_model(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonConvergenceWarning)  # training budgets are short by design
-        for _ in range(epochs):
+        for epoch in range(epoch0, epochs):
             if stopped_by != "epochs":
                 break
-            order = torch.randperm(len(data), generator=gen).to(device)
-            for batch in order.split(batch_size):
+            resumed = epoch == epoch0 and order0 is not None
+            order = (order0 if resumed else torch.randperm(len(data), generator=gen)).to(device)
+            batches = order.split(batch_size)
+            for position in range(position0 if resumed else 0, len(batches)):
+                batch = batches[position]
                 frac = fraction()
                 if frac >= 1.0:
                     stopped_by = "train_seconds"
                     break
                 if deadline is not None and time.time() >= deadline:
                     stopped_by = "deadline"
+                    save_state(epoch, position, order)
                     break
                 set_lr(frac)
                 iters = sample_budget(budget, gen)
@@ -224,6 +254,28 @@ def train_model(
                 history.append(loss.item())
                 if progress is not None:
                     progress(step, total, history[-1])
+                if time.perf_counter() - last_save >= save_every_s:
+                    save_state(epoch, position + 1, order)
+                    last_save = time.perf_counter()
     model.eval()
     return {"loss_history": history, "steps": step, "train_seconds": time.perf_counter() - start,
             "stopped_by": stopped_by}
+
+
+def _load_training_state(path: str | os.PathLike | None, spec: dict) -> dict | None:
+    if path is None or not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state if state.get("spec") == spec else None
+
+
+def _global_rng() -> dict:
+    """torch's global random streams (the random initial states draw from them)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+
+def _set_global_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
