@@ -145,6 +145,26 @@ def test_study_command_end_to_end_and_resumes(tmp_path):
     assert (tmp_path / "run" / "models" / "maze_deq_random.pt").stat().st_mtime_ns == stamp
 
 
+def test_study_train_only_trains_without_evaluating_then_a_full_run_reuses_the_models(tmp_path, capsys):
+    """``--train-only`` (a long study split over several commands): checkpoints, no evaluations, no
+    results; the next full command evaluates those models without training them again."""
+    from implicit.cli import main
+
+    args = ["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
+            str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu",
+            "--models", "maze_deq_random,darcy_deq"]
+    main(args + ["--train-only"])
+    assert "maze_deq_random: " in capsys.readouterr().out
+    models = tmp_path / "run" / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["darcy_deq.pt", "maze_deq_random.pt"]
+    assert not (tmp_path / "run" / "eval").exists() and not (tmp_path / "out").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in models.iterdir()}
+    main(args)
+    assert {p.name: p.stat().st_mtime_ns for p in models.iterdir()} == stamps
+    data = json.loads((tmp_path / "out" / "path_independence_tiny.json").read_text())
+    assert set(data["metrics"]["models"]) == {"maze_deq_random"} and set(data["metrics"]["darcy"]) == {"darcy_deq"}
+
+
 def test_maze_augmentation_keeps_exact_labels():
     from implicit.studies.train import augment_maze
 

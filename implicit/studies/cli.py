@@ -19,6 +19,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--models", help="comma-separated subset of model names to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config entry, e.g. --set defaults.epochs=2 --set tasks.maze.n_train=500")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or train on) until time_budget_s is nearly spent, then stop: no evaluation, no "
+                        "results; a study too long for one sitting runs as several such commands on one run "
+                        "folder, then one without it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run)
 
@@ -33,5 +37,6 @@ def _run(args: argparse.Namespace) -> None:
     for assignment in args.set:
         set_option(config, assignment)
     only = [m for m in args.models.split(",") if m] if args.models else None
-    path = run_study(config, progress=not args.no_progress, only=only)
-    print(f"wrote {path}")
+    path = run_study(config, progress=not args.no_progress, only=only, train_only=args.train_only)
+    if path is not None:
+        print(f"wrote {path}")

@@ -188,9 +188,9 @@ def evaluate_darcy(model: DarcyNet, train_set: TaskSet, tests: dict[str, TaskSet
 
 
 def run_darcy_model(spec: dict, config: dict, run_dir: Path, device: torch.device, *,
-                    deadline: float | None = None) -> dict | None:
+                    deadline: float | None = None, train_only: bool = False) -> dict | None:
     """Train (unless checkpointed) and evaluate one Darcy model of the study; ``None`` if past ``deadline``."""
-    from .study import _load_if_same, train_and_checkpoint
+    from .study import _load_if_same, train_and_checkpoint, training_status
 
     name, cfg = spec["name"], config["tasks"]["darcy"]
     train_set, tests = darcy_data(run_dir, cfg, int(config.get("seed", 0)))
@@ -207,6 +207,8 @@ def run_darcy_model(spec: dict, config: dict, run_dir: Path, device: torch.devic
         scaled = TaskSet(model.features(train_set.x), train_set.y / model.u_scale, train_set.mask)
         ckpt = train_and_checkpoint(model, scaled, spec, run_dir, device=device, deadline=deadline,
                                     loss_fn=interior_mse)
+    if train_only:
+        return training_status(name, ckpt["train"])
     model.load_state_dict(ckpt["state_dict"])
     iters = [int(k) for k in cfg.get("eval_iters", [5, 20, 60])]
     ev = evaluate_darcy(model, train_set, tests, iters, aa_iters=cfg.get("aa_iters"),

@@ -140,18 +140,19 @@ def train_and_checkpoint(model: nn.Module, data: TaskSet, spec: dict, run_dir: P
 
 
 def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, progress: bool,
-              deadline: float | None = None) -> dict | None:
+              deadline: float | None = None, train_only: bool = False) -> dict | None:
     """Train (unless checkpointed) and evaluate (unless evaluated) one model; returns its evaluation,
-    or ``None`` when ``deadline`` (a :func:`time.time` value) passed before it could start."""
+    or ``None`` when ``deadline`` (a :func:`time.time` value) passed before it could start.
+    ``train_only``: stop after training and return how it ended (:func:`training_status`)."""
     task, name = spec["task"], spec["name"]
     eval_path = run_dir / "eval" / f"{name}.json"
     done = _load_if_same(eval_path, spec, lambda p: json.loads(p.read_text()))
     if done is not None and done.get("train", {}).get("stopped_by") != "deadline":
-        return done
+        return training_status(name, done["train"]) if train_only else done
     if task == "darcy":
         from .darcy_task import run_darcy_model
 
-        return run_darcy_model(spec, config, run_dir, device, deadline=deadline)
+        return run_darcy_model(spec, config, run_dir, device, deadline=deadline, train_only=train_only)
     cfg = config["tasks"][task]
     train_set, tests = task_data(run_dir, task, cfg, int(config.get("seed", 0)))
     torch.manual_seed(int(spec.get("seed", 0)))
@@ -173,6 +174,8 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
 
         ckpt = train_and_checkpoint(model, train_set, spec, run_dir, device=device, progress=report, deadline=deadline)
         bar.close()
+    if train_only:
+        return training_status(name, ckpt["train"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     evaluation = evaluate_model(model, train_set, tests, cfg, config, device)
@@ -322,11 +325,17 @@ def summarise(evals: dict[str, dict], config: dict) -> tuple[dict, dict]:
     return metrics, targets
 
 
-def _worker(spec: dict, config: dict, run_dir: str, device: str, deadline: float | None, threads: int):
+def training_status(name: str, train: dict) -> dict:
+    """How a model's training ended (what a ``train_only`` study reports instead of an evaluation)."""
+    return {"name": name, "train": {"steps": train["steps"], "stopped_by": train.get("stopped_by", "epochs")}}
+
+
+def _worker(spec: dict, config: dict, run_dir: str, device: str, deadline: float | None, threads: int,
+            train_only: bool):
     torch.set_num_threads(threads)
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return run_model(spec, config, Path(run_dir), torch.device(device), False, deadline)
+    return run_model(spec, config, Path(run_dir), torch.device(device), False, deadline, train_only)
 
 
 def warn_if_oversubscribed(specs: list[dict], workers: int, cpus: int) -> None:
@@ -341,8 +350,13 @@ def warn_if_oversubscribed(specs: list[dict], workers: int, cpus: int) -> None:
                       RuntimeWarning, stacklevel=2)
 
 
-def run_study(config: dict, *, progress: bool = True, only: list[str] | None = None) -> Path:
-    """Train and evaluate every model of ``config``; write the results JSON and PNGs; return the JSON path."""
+def run_study(config: dict, *, progress: bool = True, only: list[str] | None = None,
+              train_only: bool = False) -> Path | None:
+    """Train and evaluate every model of ``config``; write the results JSON and PNGs; return the JSON path.
+
+    ``train_only``: train (or train on) until ``time_budget_s`` is nearly spent, then stop without
+    evaluating or writing results (returns ``None``): a study too long for one sitting runs as several
+    such commands on the same run folder and a last one without it."""
     start, wall_start = time.perf_counter(), time.time()
     device_opt = config.get("device", "auto")
     device = torch.device("cuda" if device_opt == "auto" and torch.cuda.is_available() else
@@ -357,7 +371,8 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
             raise ValueError(f"unknown model(s) {sorted(unknown)}; the config has {[s['name'] for s in specs]}")
         specs = [s for s in specs if s["name"] in only]
     budget = config.get("time_budget_s")
-    deadline = wall_start + float(budget) - float(config.get("eval_reserve_s", 60)) if budget else None
+    reserve = 15.0 if train_only else float(config.get("eval_reserve_s", 60))  # no evaluation to leave time for
+    deadline = wall_start + float(budget) - reserve if budget else None
     workers = max(1, min(int(config.get("workers", 1)), len(specs)))
     warn_if_oversubscribed(specs, workers, os.cpu_count() or 1)
     seed = int(config.get("seed", 0))
@@ -373,20 +388,25 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
     bar = tqdm(total=len(specs), desc="models", disable=not progress)
     if workers == 1:
         for spec in specs:
-            ev = run_model(spec, config, run_dir, device, progress, deadline)
+            ev = run_model(spec, config, run_dir, device, progress, deadline, train_only)
             (skipped.append(spec["name"]) if ev is None else evals.__setitem__(spec["name"], ev))
             bar.update(1)
     else:
         threads = max(1, (os.cpu_count() or 2) // workers)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            jobs = {pool.submit(_worker, spec, config, str(run_dir), str(device), deadline, threads): spec["name"]
-                    for spec in specs}
+            jobs = {pool.submit(_worker, spec, config, str(run_dir), str(device), deadline, threads, train_only):
+                    spec["name"] for spec in specs}
             for job in as_completed(jobs):
                 ev = job.result()
                 (skipped.append(jobs[job]) if ev is None else evals.__setitem__(jobs[job], ev))
                 bar.update(1)
         evals = {s["name"]: evals[s["name"]] for s in specs if s["name"] in evals}  # config order
     bar.close()
+    if train_only:
+        for name, ev in evals.items():
+            print(f"{name}: {ev['train']['steps']} steps, stopped by {ev['train']['stopped_by']}")
+        print(f"not started: {', '.join(sorted(skipped)) or 'none'}")
+        return None
     metrics, targets = summarise(evals, config)
     metrics["skipped"] = sorted(skipped)
     metrics["workers"] = workers
