@@ -17,6 +17,12 @@ from typing import Sequence
 __all__ = ["add_parser", "main"]
 
 # flag -> (TrainConfig field, type, help)
+def _flag_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f'expected true or false, got "{text}"')
+    return text.lower() in ("true", "1", "yes")
+
+
 _FLAGS = {
     "--data": ("data", str, "training file (*_train.h5) or recipe name (data/NAME.toml; generated if missing)"),
     "--test-data": ("test_data", str, "test file (default: the training file with _train -> _test)"),
@@ -34,6 +40,7 @@ _FLAGS = {
     "--tol": ("tol", float, "fno-deq solver tolerance (relative residual)"),
     "--max-iter": ("max_iter", int, "fno-deq solver iterations in training"),
     "--eval-max-iter": ("eval_max_iter", int, "fno-deq solver iterations in evaluation"),
+    "--solver-graph": ("solver_graph", _flag_bool, "fno-deq on CUDA: replay the forward solve as a CUDA graph (true | false)"),
     "--backward": ("backward", str, "fno-deq gradient: ift | phantom | jfb | unrolled"),
     "--backward-steps": ("backward_steps", int, "phantom/unrolled gradient steps"),
     "--backward-damping": ("backward_damping", float, "phantom gradient damping"),

@@ -78,6 +78,9 @@ class TrainConfig:
     tol: float = 1e-6
     max_iter: int = 32
     eval_max_iter: int | None = None
+    # fno-deq on CUDA: capture the forward solve's iterations as a CUDA graph and replay it (fewer kernel
+    # launches; the block must not sync the GPU). Ignored on the CPU.
+    solver_graph: bool = False
     backward: str = "phantom"
     backward_steps: int = 1
     backward_damping: float = 0.5
@@ -143,6 +146,8 @@ class TrainConfig:
             kw.update(solver=self.solver, tol=self.tol, max_iter=self.max_iter, eval_max_iter=self.eval_max_iter,
                       backward=self.backward, backward_options=opts, pretrain_steps=self.pretrain_steps,
                       pretrain_iter=self.pretrain_iter)
+            if self.solver_graph:
+                kw["solver_options"] = {"graph": True}
         return kw
 
 

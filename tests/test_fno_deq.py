@@ -249,3 +249,22 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     assert len(trains) == sum(j["model"] in ("fno-deq", "fno++-d4") for j in everything)
     with pytest.raises(SystemExit, match="fno-dq"):
         mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-dq"]))
+
+
+def test_solver_graph_option_reaches_the_deq():
+    """``solver_graph = true`` (TOML or ``--solver-graph``) turns on the backend's CUDA-graph solve of
+    FNO-DEQ (a no-op on the CPU, checked on the GPU by tests/test_cuda_graphs.py)."""
+    from pde.cli_train import _flag_bool
+    from pde.models import build_model
+    from pde.train import TrainConfig
+
+    cfg = TrainConfig(model="fno-deq", width=8, modes=4, solver_graph=True)
+    net = build_model("fno-deq", **cfg.model_kwargs(1, 1))
+    assert net.deq.solver_options["graph"] is True and net.deq.solver_options["m"] == 5
+    plain = build_model("fno-deq", **TrainConfig(model="fno-deq", width=8, modes=4).model_kwargs(1, 1))
+    assert not plain.deq.solver_options.get("graph")
+    x = torch.randn(2, 1, 12, 12)
+    torch.testing.assert_close(net(x), net(x))  # the CPU falls back to the eager solve
+    assert _flag_bool("true") is True and _flag_bool("0") is False
+    with pytest.raises(Exception, match="expected true or false"):
+        _flag_bool("maybe")
