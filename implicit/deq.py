@@ -94,8 +94,8 @@ class DEQ(nn.Module):
             raise ValueError("graph=True replays captured kernels that read the weights in place, but "
                              "norm recomputes them every step; use one or the other")
         self._warned = False
-        self._graph_input: Any = None  # static copy of x that a captured CUDA graph reads
-        self._graph_f: Any = None
+        # per input shape: a static copy of x that captured CUDA graphs read, and the f that reads it
+        self._graph_inputs: dict[tuple, tuple[Tensor, Callable]] = {}
 
     def forward(self, x: Any, z0: Any = None, *, max_iter: int | None = None) -> tuple[Any, SolverResult]:
         if z0 is None:
@@ -146,17 +146,19 @@ class DEQ(nn.Module):
         return self.solver_name if self.training else self.eval_solver_name
 
     def _solver_f(self, x: Any):
-        """``z -> f(z, x)``; with ``graph=True`` a persistent function reading a static copy of ``x``,
-        so the solver's cached CUDA graph stays valid across calls."""
+        """``z -> f(z, x)``; with ``graph=True`` a persistent function per input shape reading a static
+        copy of ``x``, so the solver's cached CUDA graphs stay valid across calls (and across batches of
+        different sizes, e.g. an epoch's last one, without capturing again)."""
         if not (self.solver_options.get("graph") and torch.is_tensor(x) and x.is_cuda):
             return lambda z: self.f(z, x)
-        static = self._graph_input
-        if static is None or static.shape != x.shape or static.dtype != x.dtype or static.device != x.device:
-            self._graph_input = static = x.detach().clone()
-            self._graph_f = lambda z: self.f(z, static)
+        key = (tuple(x.shape), x.dtype, x.device)
+        entry = self._graph_inputs.get(key)
+        if entry is None:
+            static = x.detach().clone()
+            entry = self._graph_inputs[key] = (static, lambda z: self.f(z, static))
         else:
-            static.copy_(x)
-        return self._graph_f
+            entry[0].copy_(x)
+        return entry[1]
 
     def _raise_if_nonfinite(self, result: SolverResult, solver_name: str) -> None:
         bad = (result.status == Status.NONFINITE).nonzero().flatten()

@@ -117,3 +117,33 @@ def test_fno_deq_training_step_with_a_graphed_solve_matches_eager():
         net.eval()
     with torch.no_grad():
         torch.testing.assert_close(graphed(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_study_deq_with_graphed_solves_matches_eager():
+    """A maze DEQ of the path-independence study with ``solver_options = {graph = true}``: its training
+    solves and gradients match the eager model's, across budgets and a batch of another size (an
+    epoch's last), and back to the first size (whose captured graphs it reuses)."""
+    from implicit.studies.mazes import make_mazes
+    from implicit.studies.models import build_model
+
+    spec = {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4}
+    nets = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        nets.append(build_model("maze", dict(spec, solver_options={"graph": True} if graph else None)).cuda())
+    x = make_mazes(8, 5, seed=0).x.cuda()
+    for batch in (x, x[:3], x):
+        for iters in (6, 12):
+            outs, grads = [], []
+            for net in nets:
+                net.train()
+                net.zero_grad()
+                e = net.encoder(batch)
+                z, _ = net.solve(e, torch.zeros_like(e), iters)
+                net.head(z).square().mean().backward()
+                outs.append(z.detach())
+                grads.append([p.grad.clone() for p in net.parameters()])
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+            for a, b in zip(*grads):
+                torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    assert len(nets[1].deq._graph_inputs) == 2  # one static input per batch shape

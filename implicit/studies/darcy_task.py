@@ -143,7 +143,7 @@ def build_darcy_model(spec: dict, train_set: TaskSet) -> DarcyNet:
                     init=spec.get("init", "random"), init_scale=spec.get("init_scale", 1.0), iters=iters,
                     solver=spec.get("solver", "anderson"), tol=spec.get("tol", 1e-4),
                     backward=spec.get("backward", "phantom"), backward_options=spec.get("backward_options"),
-                    norm=spec.get("norm", False))
+                    norm=spec.get("norm", False), solver_options=spec.get("solver_options"))
 
 
 @torch.no_grad()

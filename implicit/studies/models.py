@@ -107,6 +107,8 @@ class IterativeNet(nn.Module):
         skip: carry the state over inside the cell (``tanh(z + ...)``); needed without injection.
         eval_solver: the DEQ's solver in eval mode (default: ``solver``), e.g. ``"picard"``: plain
             iteration, the dynamics a DT-net runs at test time, instead of Anderson's extrapolation.
+        solver_options: extra options of the DEQ's solvers, e.g. ``{"graph": True}`` to replay the
+            solves as CUDA graphs (fewer kernel launches: these small models are launch-bound).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class IterativeNet(nn.Module):
         block_depth: int = 0,
         skip: bool = False,
         eval_solver: str | None = None,
+        solver_options: dict | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -151,7 +154,8 @@ class IterativeNet(nn.Module):
             options = {"steps": 5, "damping": 0.8} if backward == "phantom" else {}
             options.update(backward_options or {})
             self.deq = DEQ(self.cell, solver=solver, tol=tol, max_iter=iters, eval_solver=eval_solver,
-                           backward=backward, backward_options=options, name=f"maze/prefix-sum {kind} cell")
+                           solver_options=solver_options, backward=backward, backward_options=options,
+                           name=f"maze/prefix-sum {kind} cell")
 
     @property
     def iterative(self) -> bool:
@@ -212,5 +216,5 @@ def build_model(task: str, spec: dict) -> IterativeNet:
         solver=spec.get("solver", "anderson"), tol=spec.get("tol", 1e-4), backward=spec.get("backward", "phantom"),
         backward_options=spec.get("backward_options"), norm=spec.get("norm", False),
         block_depth=int(spec.get("block_depth", 0)), skip=bool(spec.get("skip", False)),
-        eval_solver=spec.get("eval_solver"),
+        eval_solver=spec.get("eval_solver"), solver_options=spec.get("solver_options"),
     )
