@@ -16,13 +16,14 @@ from typing import Sequence
 
 __all__ = ["add_parser", "main"]
 
-# flag -> (TrainConfig field, type, help)
+
 def _flag_bool(text: str) -> bool:
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f'expected true or false, got "{text}"')
     return text.lower() in ("true", "1", "yes")
 
 
+# flag -> (TrainConfig field, type, help)
 _FLAGS = {
     "--data": ("data", str, "training file (*_train.h5) or recipe name (data/NAME.toml; generated if missing)"),
     "--test-data": ("test_data", str, "test file (default: the training file with _train -> _test)"),
