@@ -170,6 +170,8 @@ def plan(args) -> list[dict]:
             if unknown:
                 raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(models)}")
             models = {k: v for k, v in models.items() if k in wanted}
+        if args.solver_graph and "fno-deq" in models:
+            models["fno-deq"] = dict(models["fno-deq"], solver_graph=True)
         for seed in seeds:
             for setting, noise in settings.items():
                 for name, kw in models.items():
@@ -610,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the Darcy settings (clean, input-noise-0.001, target-noise-0.001)")
     p.add_argument("--models", default="",
                    help="comma-separated subset of the models (fno-d4, fno++-d4, ifno, fno-deq; default all)")
+    p.add_argument("--solver-graph", action="store_true",
+                   help="FNO-DEQ's forward solve replayed as a CUDA graph (same results, ~1.14x faster epochs)")
     p.add_argument("--ns-epochs", type=int, default=6, help="Navier-Stokes epochs of every model")
     p.add_argument("--ns-seeds", default="0", help="Navier-Stokes seeds")
     p.add_argument("--ns-viscosities", default="0.01,0.001")

@@ -249,6 +249,8 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     assert len(trains) == sum(j["model"] in ("fno-deq", "fno++-d4") for j in everything)
     with pytest.raises(SystemExit, match="fno-dq"):
         mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-dq"]))
+    graphed = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--solver-graph"])) if j["kind"] == "train"]
+    assert {j["model"] for j in graphed if j["config"].get("solver_graph")} == {"fno-deq"}
 
 
 def test_solver_graph_option_reaches_the_deq():
