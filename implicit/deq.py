@@ -97,6 +97,13 @@ class DEQ(nn.Module):
         # per input shape: a static copy of x that captured CUDA graphs read, and the f that reads it
         self._graph_inputs: dict[tuple, tuple[Tensor, Callable]] = {}
 
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy for an EMA, pickling) starts without the static inputs: their functions call
+        # this module's f, and the solver's cached CUDA graphs read this module's weights
+        state = self.__dict__.copy()
+        state["_graph_inputs"] = {}
+        return state
+
     def forward(self, x: Any, z0: Any = None, *, max_iter: int | None = None) -> tuple[Any, SolverResult]:
         if z0 is None:
             z0 = self.f.init_state(x) if hasattr(self.f, "init_state") else torch.zeros_like(x)

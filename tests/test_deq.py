@@ -192,3 +192,19 @@ def test_torchdeq_get_deq_runs_with_our_solvers():
         layer.zero_grad()
         z.sum().backward()
         assert layer.W.grad is not None and torch.isfinite(layer.W.grad).all()
+
+
+def test_deq_copy_does_not_share_the_graph_inputs_of_the_original():
+    """A deep copy of a DEQ (an EMA model) must not call the original's layer through the static
+    inputs ``graph=True`` keeps (they are CUDA-only, so one is planted here by hand)."""
+    import copy
+
+    from implicit.deq import DEQ
+
+    layer = torch.nn.Linear(3, 3)
+    deq = DEQ(lambda z, x: torch.tanh(layer(z) + x), solver_options={"graph": True})
+    static = torch.zeros(2, 3)
+    deq._graph_inputs[((2, 3), torch.float32, static.device)] = (static, lambda z: deq.f(z, static))
+    clone = copy.deepcopy(deq)
+    assert clone._graph_inputs == {} and len(deq._graph_inputs) == 1
+    assert clone.solver_options == {"graph": True}
