@@ -304,17 +304,17 @@ def test_study_model_cut_by_the_deadline_keeps_its_training_state_until_finished
     import time
 
     from implicit.studies.models import build_model
-    from implicit.studies.study import train_and_checkpoint
+    from implicit.studies.study import checkpoint_or_train
 
     data = make_mazes(16, 5, seed=0)
     spec = {"name": "m", "kind": "recurrent", "width": 8, "budget": 3, "epochs": 2, "batch_size": 8, "lr": 3e-3}
     torch.manual_seed(0)
-    cut = train_and_checkpoint(build_model("maze", spec), data, spec, tmp_path, deadline=time.time() + 1.0,
+    cut = checkpoint_or_train(build_model("maze", spec), data, spec, tmp_path, deadline=time.time() + 1.0,
                                progress=lambda step, total, loss: time.sleep(0.6))  # the clock runs out mid-training
     assert cut["train"]["stopped_by"] == "deadline" and 1 <= cut["train"]["steps"] < 4
     assert (tmp_path / "partial" / "m.pt").exists() and (tmp_path / "models" / "m.pt").exists()
     seen = []
-    done = train_and_checkpoint(build_model("maze", spec), data, spec, tmp_path,
+    done = checkpoint_or_train(build_model("maze", spec), data, spec, tmp_path,
                                 progress=lambda step, total, loss: seen.append(step))
     assert seen == list(range(cut["train"]["steps"] + 1, 5))  # on from where it stopped, not from step 1
     assert done["train"]["stopped_by"] == "epochs" and done["train"]["steps"] == 4

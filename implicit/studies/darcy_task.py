@@ -19,7 +19,6 @@ with its rank correlation to the error.
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -190,33 +189,24 @@ def evaluate_darcy(model: DarcyNet, train_set: TaskSet, tests: dict[str, TaskSet
 def run_darcy_model(spec: dict, config: dict, run_dir: Path, device: torch.device, *,
                     deadline: float | None = None, train_only: bool = False) -> dict | None:
     """Train (unless checkpointed) and evaluate one Darcy model of the study; ``None`` if past ``deadline``."""
-    from .study import _load_if_same, train_and_checkpoint, training_status
+    from .study import checkpoint_or_train, training_status, training_summary
 
     name, cfg = spec["name"], config["tasks"]["darcy"]
     train_set, tests = darcy_data(run_dir, cfg, int(config.get("seed", 0)))
     torch.manual_seed(int(spec.get("seed", 0)))
     model = build_darcy_model(spec, train_set)
-    ckpt_path = Path(run_dir) / "models" / f"{name}.pt"
-    ckpt = _load_if_same(ckpt_path, spec, lambda p: torch.load(p, map_location="cpu", weights_only=False))
-    if ckpt is not None and ckpt["train"].get("stopped_by") == "deadline":
-        ckpt = None
+    # train_model calls encoder / cell / head directly: hand it the model's features and scaled targets
+    scaled = TaskSet(model.features(train_set.x), train_set.y / model.u_scale, train_set.mask)
+    ckpt = checkpoint_or_train(model, scaled, spec, run_dir, deadline=deadline, device=device, loss_fn=interior_mse)
     if ckpt is None:
-        if deadline is not None and time.time() >= deadline:
-            return None
-        # train_model calls encoder / cell / head directly: hand it the model's features and scaled targets
-        scaled = TaskSet(model.features(train_set.x), train_set.y / model.u_scale, train_set.mask)
-        ckpt = train_and_checkpoint(model, scaled, spec, run_dir, device=device, deadline=deadline,
-                                    loss_fn=interior_mse)
+        return None
     if train_only:
         return training_status(name, ckpt["train"])
     model.load_state_dict(ckpt["state_dict"])
     iters = [int(k) for k in cfg.get("eval_iters", [5, 20, 60])]
     ev = evaluate_darcy(model, train_set, tests, iters, aa_iters=cfg.get("aa_iters"),
                         batch_size=int(config.get("eval_batch_size", 64)), device=device)
-    hist = ckpt["train"]["loss_history"][-20:]
-    ev.update(spec=spec, name=name, task="darcy", train={
-        "final_loss": float(sum(hist) / max(1, len(hist))), "steps": ckpt["train"]["steps"],
-        "train_seconds": ckpt["train"]["train_seconds"], "stopped_by": ckpt["train"].get("stopped_by", "epochs")})
+    ev.update(spec=spec, name=name, task="darcy", train=training_summary(ckpt["train"]))
     write_json_atomic(Path(run_dir) / "eval" / f"{name}.json", ev)
     return ev
 

@@ -126,17 +126,46 @@ def _load_if_same(path: Path, spec: dict, loader) -> Any:
     return obj if obj.get("spec") == spec else None
 
 
-def train_and_checkpoint(model: nn.Module, data: TaskSet, spec: dict, run_dir: Path, **train_kw: Any) -> dict:
-    """Train ``model`` (continuing the saved training state in ``partial/<name>.pt`` if a killed or
-    cut-off run left one), write its checkpoint to ``models/<name>.pt`` and return it; the training
-    state is kept only while the training is unfinished (stopped by the study's deadline)."""
-    partial = Path(run_dir) / "partial" / f"{spec['name']}.pt"
-    info = train_model(model, data, spec, resume=partial, **train_kw)
+def checkpoint_or_train(model: nn.Module, data: TaskSet, spec: dict, run_dir: Path, *,
+                        deadline: float | None = None, bar: bool = False, **train_kw: Any) -> dict | None:
+    """The checkpoint of ``spec``'s model: a finished one in ``models/<name>.pt`` as it is; otherwise
+    ``model`` trained (continuing the saved training state in ``partial/<name>.pt`` that a killed or
+    cut-off run left), checkpointed and returned; ``None`` when ``deadline`` (a :func:`time.time`
+    value) passed before training could start. The training state is kept only while the training
+    is unfinished (stopped by the deadline). ``bar``: a progress bar of the training steps."""
+    name = spec["name"]
+    ckpt_path = Path(run_dir) / "models" / f"{name}.pt"
+    ckpt = _load_if_same(ckpt_path, spec, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if ckpt is not None and ckpt["train"].get("stopped_by") != "deadline":
+        return ckpt  # one cut off by an earlier run's budget trains on from where it stopped
+    if deadline is not None and time.time() >= deadline:
+        return None
+    if bar:
+        steps = tqdm(total=1, desc=f"train {name}", leave=False)
+
+        def report(step: int, total: int, loss: float) -> None:
+            steps.total = total
+            steps.update(1)
+            if step % 10 == 0:
+                steps.set_postfix(loss=f"{loss:.4f}")
+
+        train_kw["progress"] = report
+    partial = Path(run_dir) / "partial" / f"{name}.pt"
+    info = train_model(model, data, spec, resume=partial, deadline=deadline, **train_kw)
+    if bar:
+        steps.close()
     ckpt = {"spec": spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": info}
-    save_torch_atomic(ckpt, Path(run_dir) / "models" / f"{spec['name']}.pt")
+    save_torch_atomic(ckpt, ckpt_path)
     if info["stopped_by"] != "deadline":
         partial.unlink(missing_ok=True)
     return ckpt
+
+
+def training_summary(train: dict) -> dict:
+    """What an evaluation file records of a model's training (its checkpoint's ``train``)."""
+    recent = train["loss_history"][-20:]
+    return {"final_loss": float(sum(recent) / max(1, len(recent))), "steps": train["steps"],
+            "train_seconds": train["train_seconds"], "stopped_by": train.get("stopped_by", "epochs")}
 
 
 def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, progress: bool,
@@ -157,32 +186,15 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
     train_set, tests = task_data(run_dir, task, cfg, int(config.get("seed", 0)))
     torch.manual_seed(int(spec.get("seed", 0)))
     model = build_model(task, spec)
-    ckpt_path = run_dir / "models" / f"{name}.pt"
-    ckpt = _load_if_same(ckpt_path, spec, lambda p: torch.load(p, map_location="cpu", weights_only=False))
-    if ckpt is not None and ckpt["train"].get("stopped_by") == "deadline":
-        ckpt = None  # cut off by an earlier run's budget: train on from where it stopped
-    if ckpt is None and deadline is not None and time.time() >= deadline:
-        return None
+    ckpt = checkpoint_or_train(model, train_set, spec, run_dir, deadline=deadline, bar=progress, device=device)
     if ckpt is None:
-        bar = tqdm(total=1, desc=f"train {name}", leave=False, disable=not progress)
-
-        def report(step: int, total: int, loss: float) -> None:
-            bar.total = total
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-
-        ckpt = train_and_checkpoint(model, train_set, spec, run_dir, device=device, progress=report, deadline=deadline)
-        bar.close()
+        return None
     if train_only:
         return training_status(name, ckpt["train"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     evaluation = evaluate_model(model, train_set, tests, cfg, config, device)
-    evaluation.update(spec=spec, name=name, task=task, train={
-        "final_loss": float(sum(ckpt["train"]["loss_history"][-20:]) / max(1, len(ckpt["train"]["loss_history"][-20:]))),
-        "steps": ckpt["train"]["steps"], "train_seconds": ckpt["train"]["train_seconds"],
-        "stopped_by": ckpt["train"].get("stopped_by", "epochs")})
+    evaluation.update(spec=spec, name=name, task=task, train=training_summary(ckpt["train"]))
     write_json_atomic(eval_path, evaluation)
     return evaluation
 
