@@ -33,7 +33,7 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
         --seeds 0,1,2 --budget-s 570
     # the paper's summed loss, 64 epochs, FNO-DEQ and FNO++ only (fno_deq_darcy_64ep_sum_clean.json): FNO++ takes
     # one ~9-minute command (6 runs at once), the three DEQs two more on a warm machine (3 at once, 13.5 s an epoch)
-    python experiments/fno_deq.py --out /tmp/fd --problems darcy --darcy-settings clean --models fno-deq,fno++-d4 \
+    python experiments/fno_deq.py --out /tmp/fd --problems darcy --darcy-settings clean --models fno-deq,fno++-d4 \\
         --epochs 64 --seeds 0,1,2 --loss-reduction sum --jobs 3 --budget-s 565
 """
 
@@ -124,6 +124,17 @@ def recipes(args) -> dict[str, dict]:
     return out
 
 
+def _subset(available: dict, wanted: str, flag: str) -> dict:
+    """The entries of ``available`` named in the comma-separated ``wanted`` (all if empty), in their order."""
+    if not wanted:
+        return available
+    names = wanted.split(",")
+    unknown = set(names) - set(available)
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {sorted(unknown)}; choose from {sorted(available)}")
+    return {k: v for k, v in available.items() if k in names}
+
+
 def plan(args) -> list[dict]:
     """Every job: data generation, the memory sweep, one training per (data, setting, model, seed)."""
     from pde.train import TrainConfig
@@ -148,12 +159,8 @@ def plan(args) -> list[dict]:
         ntrain = r["splits"]["train"]
         batch = 8 if args.small else 32
         settings = darcy_settings() if darcy else ns_settings([float(v) for v in args.ns_noise.split(",") if v])
-        if darcy and args.darcy_settings:
-            wanted = args.darcy_settings.split(",")
-            unknown = set(wanted) - set(settings)
-            if unknown:
-                raise SystemExit(f"--darcy-settings: unknown {sorted(unknown)}; choose from {sorted(settings)}")
-            settings = {k: v for k, v in settings.items() if k in wanted}
+        if darcy:
+            settings = _subset(settings, args.darcy_settings, "--darcy-settings")
         common = dict(width=8 if args.small else 32, modes=4 if args.small else 12, epochs=epochs, batch_size=batch,
                       weight_decay=1e-4, loss_reduction=args.loss_reduction, device=args.device, plot=False,
                       eval_every=max(1, epochs // 4),
@@ -164,12 +171,7 @@ def plan(args) -> list[dict]:
             common.update(lr=5e-3, scheduler="constant", padding=0.0, norm="instance_norm",
                           subsample=1 if args.small else args.ns_subsample)
         models = model_overrides("darcy" if darcy else "ns", args.small, epochs, -(-ntrain // batch))
-        if args.models:
-            wanted = args.models.split(",")
-            unknown = set(wanted) - set(models)
-            if unknown:
-                raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(models)}")
-            models = {k: v for k, v in models.items() if k in wanted}
+        models = _subset(models, args.models, "--models")
         if args.solver_graph and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], solver_graph=True)
         for seed in seeds:

@@ -34,8 +34,8 @@ the H100 (experiments/results/fno_deq_ns_instance_norm.json, the run before the 
 reached train rel L2 0.073 but test 0.165 at test residual 0.38. The gap is the two forwards differing,
 not overfitting: on the CPU the same model evaluated in eval mode on its training samples erred as on
 the test set (width 16: 0.28 vs 0.27). Without the norm the same training converges to relative
-residual ~1e-7 in ~8 iterations and generalises (CPU, 32x32 NS, width 32, 2 seeds: test rel L2 0.044 and 0.040 against 0.230 and 0.510; see
-``experiments/configs/ns-fno-deq.toml``). ``group_norm`` (one group: statistics over all channels, so
+residual ~1e-7 in ~8 iterations and generalises (CPU, 32x32 NS, width 32, 2 seeds: test rel L2 0.044
+and 0.040 against 0.230 and 0.510; see ``experiments/configs/ns-fno-deq.toml``). ``group_norm`` (one group: statistics over all channels, so
 channel ratios survive) is contractive at init too (Jacobian norm 0.6 to 1.1), but with little margin: in
 the same CPU run it needed up to 24 iterations early in training. :class:`FNODEQ` warns when built with
 ``instance_norm``.

@@ -138,9 +138,9 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
             steps.set_postfix(loss=f"{loss.item():.4f}")
         if (i + 1) % config.save_every == 0 or i + 1 == config.steps:
             save_torch_atomic({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": i + 1,
-                          "config": asdict(config), "rng": torch.get_rng_state(),
-                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                         ckpt_path)
+                               "config": asdict(config), "rng": torch.get_rng_state(),
+                               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                              ckpt_path)
     unet.eval()
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out / "pipeline")
     return out / "pipeline"

@@ -195,8 +195,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     def save() -> None:
         if rank == 0:
             save_torch_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "step": step, "history": history, "evals": evals, "config": dataclasses.asdict(cfg),
-                          "seconds": seconds_before + time.perf_counter() - start}, ckpt)
+                               "step": step, "history": history, "evals": evals, "config": dataclasses.asdict(cfg),
+                               "seconds": seconds_before + time.perf_counter() - start}, ckpt)
         if distributed:
             dist.barrier()
 
