@@ -38,6 +38,22 @@ def test_solver_graph_matches_eager_and_replays(solver):
         assert float((f(graphed.z) - graphed.z).abs().max()) < 1e-5
 
 
+def test_one_captured_loop_serves_every_iteration_budget():
+    """The budget is a device tensor of the cached loop: solves with different ``max_iter`` replay one
+    graph (one memory pool) and each stops at its own budget, as the eager loop does."""
+    from implicit.solvers._loop import _LOOP_CACHE
+
+    f = Contraction().cuda()
+    z0 = torch.randn(5, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    for max_iter in (60, 8, 21, 60):
+        eager = anderson(f, z0, tol=1e-9, max_iter=max_iter, graph=False)
+        graphed = anderson(f, z0, tol=1e-9, max_iter=max_iter, graph=True)
+        assert torch.equal(eager.n_iter, graphed.n_iter)
+        assert int(graphed.n_iter.max()) == max_iter
+        torch.testing.assert_close(graphed.z, eager.z, rtol=0, atol=1e-6)
+    assert len(_LOOP_CACHE[f]) == 1
+
+
 class Step(torch.nn.Module):
     """x_{k+1} = 0.9 x_k + 0.1 tanh(A x_k + b_k): a nonlinear recurrence over K steps."""
 
@@ -119,6 +135,7 @@ def test_fno_deq_training_step_with_a_graphed_solve_matches_eager():
         torch.testing.assert_close(graphed(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::implicit.solvers.NonConvergenceWarning")  # budgets of 6 and 12 by design
 def test_study_deq_with_graphed_solves_matches_eager():
     """A maze DEQ of the path-independence study with ``solver_options = {graph = true}``: its training
     solves and gradients match the eager model's, across budgets and a batch of another size (an

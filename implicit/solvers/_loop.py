@@ -76,7 +76,7 @@ class _Loop:
     def __init__(self, F, z: Tensor, method: Method, tol, max_iter, stop_mode, trace, diverge_factor, block,
                  compile: bool = False):
         B, dev, dt = z.shape[0], z.device, z.dtype
-        self.F, self.method, self.tol, self.max_iter = F, method, tol, max_iter
+        self.F, self.method, self.tol = F, method, tol
         self.rel, self.diverge_factor, self.block = stop_mode == "rel", diverge_factor, block
         self.z = z.clone()
         self.best_z = torch.empty_like(z)
@@ -86,6 +86,8 @@ class _Loop:
         self.status = torch.empty(B, device=dev, dtype=torch.int8)
         self.n_iter = torch.empty(B, device=dev, dtype=torch.long)
         self.it = torch.empty(1, device=dev, dtype=torch.long)
+        # a device tensor, so one captured graph serves every iteration budget
+        self.max_iter = torch.empty(1, device=dev, dtype=torch.long)
         self.trace = torch.empty(max_iter + block, B, device=dev, dtype=dt) if trace else None
         self.tiny = torch.finfo(dt).tiny
         method.init(z)
@@ -93,8 +95,9 @@ class _Loop:
         # Everything after f in one iteration; compiled, its many small kernels fuse into a few.
         self.update = torch.compile(self._update, fullgraph=True, dynamic=False) if compile else self._update
 
-    def reset(self, z0: Tensor) -> None:
+    def reset(self, z0: Tensor, max_iter: int) -> None:
         self.z.copy_(z0)
+        self.max_iter.fill_(max_iter)
         self.best_z.copy_(z0)
         self.best_abs.fill_(float("inf"))
         self.best_rel.fill_(float("inf"))
@@ -149,10 +152,10 @@ class _Loop:
             self.cuda_graph = _capture(self)
         self.cuda_graph.replay()
 
-    def finish(self, flat: Flattener, iterations: int) -> SolverResult:
+    def finish(self, flat: Flattener, iterations: int, max_iter: int) -> SolverResult:
         status = self.status.clone()
         status.masked_fill_(status == RUNNING, Status.MAX_ITER)
-        n = min(iterations, self.max_iter)
+        n = min(iterations, max_iter)
         return SolverResult(
             z=flat.unflatten(self.best_z.clone()),
             residual=self.best_abs.clone(),
@@ -210,7 +213,8 @@ def iterate(
     with torch.no_grad():
         z = flat.flatten(z0)
         use_graph = graph and z.device.type == "cuda"
-        args = (tol, max_iter, stop_mode, trace, diverge_factor, check_every, compile)
+        # the budget is a device tensor of the loop, so it is in the key only where it sizes the trace
+        args = (tol, max_iter if trace else None, stop_mode, trace, diverge_factor, check_every, compile)
         loop = None
         if use_graph or compile:  # reuse the captured graph / compiled update across calls
             try:
@@ -221,17 +225,18 @@ def iterate(
             key = (tuple(z.shape), z.dtype, z.device, method.key(), args)
             loop = cache.get(key)
         if loop is None:
-            loop = _Loop(flat.wrap(f), z, method, *args)
+            loop = _Loop(flat.wrap(f), z, method, tol, max_iter, stop_mode, trace, diverge_factor, check_every,
+                         compile)
             if use_graph or compile:
                 cache[key] = loop
-        loop.reset(z)
+        loop.reset(z, max_iter)
         done = 0
         while done < max_iter:
             loop.run_block(use_graph)
             done += check_every
             if not bool(((loop.status == RUNNING) & (loop.it < max_iter)).any()):
                 break
-        return loop.finish(flat, done)
+        return loop.finish(flat, done, max_iter)
 
 
 def _capture(loop: _Loop) -> "torch.cuda.CUDAGraph":
