@@ -16,6 +16,22 @@ def _plt():
     return plt
 
 
+def _model_colors(plt, evals: dict) -> dict:
+    """A colour per model, distinct within its task (up to 20) and the same in every panel."""
+    cmap, seen, colors = plt.get_cmap("tab20"), {}, {}
+    for name, ev in evals.items():
+        i = seen[ev["task"]] = seen.get(ev["task"], -1) + 1
+        colors[name] = cmap((2 * i) % 20 + (2 * i) // 20 % 2)  # the dark shades first, then the light
+    return colors
+
+
+def _line_style(spec: dict) -> str:
+    """Solid for models meant to be path independent, dotted for path dependent, dashed feed-forward."""
+    if spec.get("kind") == "feedforward":
+        return "--"
+    return {"path_independent": "-o", "path_dependent": ":o"}.get(spec.get("role"), "-.o")
+
+
 def plot_accuracy(evals: dict, path: Path) -> None:
     """Accuracy vs test-time iterations: one panel per task and test size, one line per model."""
     plt = _plt()
@@ -24,14 +40,15 @@ def plot_accuracy(evals: dict, path: Path) -> None:
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     legend_done = set()  # one legend per task, on its first panel: each task has its own models
+    colors = _model_colors(plt, evals)
     for ax, (task, size) in zip(axes.flat, panels):
         for name, ev in evals.items():
             if ev["task"] != task:
                 continue
             curve = ev["accuracy"][str(size)]
             ks = sorted(curve, key=int)
-            style = "--" if ev["spec"].get("kind") == "feedforward" else "-o"
-            ax.plot([int(k) for k in ks], [curve[k] for k in ks], style, ms=3, label=name)
+            ax.plot([int(k) for k in ks], [curve[k] for k in ks], _line_style(ev["spec"]), ms=3,
+                    color=colors[name], label=name)
         if task not in legend_done:
             ax.legend(fontsize=6)
             legend_done.add(task)
