@@ -206,6 +206,38 @@ def test_study_budget_skips_models_but_writes_results(tmp_path):
     assert data["metrics"]["models"] == {} and data["targets"]["aa_vs_hard_accuracy_rank_correlation_8plus_models"]["met"] is False
 
 
+def test_a_failing_model_leaves_the_others_results_written_and_a_rerun_retries_it(tmp_path, monkeypatch):
+    """One model raising (say, out of GPU memory in its evaluation) must not lose the other models'
+    results: they are written, the failure is named in the file and raised; a re-run retries it."""
+    from implicit.cli import main
+    from implicit.studies import study
+
+    run_model = study.run_model
+
+    def failing(spec, *args):
+        if spec["name"] == "maze_feedforward":
+            raise MemoryError("out of memory\nsecond line")
+        return run_model(spec, *args)
+
+    monkeypatch.setattr(study, "run_model", failing)
+    args = ["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
+            str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu",
+            "--models", "maze_deq_random,maze_feedforward"]
+    with pytest.warns(RuntimeWarning, match="maze_feedforward failed"), \
+            pytest.raises(RuntimeError, match="1 model.*failed:\n  maze_feedforward: MemoryError: out of memory\n"):
+        main(args)
+    data = json.loads((tmp_path / "out" / "path_independence_tiny.json").read_text())
+    assert set(data["metrics"]["models"]) == {"maze_deq_random"}
+    assert data["metrics"]["failed"] == {"maze_feedforward": "MemoryError: out of memory"}
+    monkeypatch.setattr(study, "run_model", run_model)
+    stamp = (tmp_path / "run" / "models" / "maze_deq_random.pt").stat().st_mtime_ns
+    main(args)
+    data = json.loads((tmp_path / "out" / "path_independence_tiny.json").read_text())
+    assert set(data["metrics"]["models"]) == {"maze_deq_random", "maze_feedforward"}
+    assert data["metrics"]["failed"] == {}
+    assert (tmp_path / "run" / "models" / "maze_deq_random.pt").stat().st_mtime_ns == stamp
+
+
 def test_darcy_task_data_and_training():
     from pde.darcy import darcy_residual
     from implicit.studies.darcy_task import build_darcy_model, evaluate_darcy, interior_mse, make_darcy

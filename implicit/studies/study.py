@@ -28,7 +28,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -397,11 +397,21 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
             task_data(run_dir, task, config["tasks"][task], seed)
     evals: dict[str, dict] = {}
     skipped: list[str] = []
+    failed: dict[str, str] = {}  # a model that raised does not cost the others their results
+
+    def collect(name: str, outcome: Callable[[], dict | None]) -> None:
+        try:
+            ev = outcome()
+        except Exception as err:  # reported, and raised again once the results of the others are written
+            failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(f"model {name} failed: {failed[name]}", RuntimeWarning, stacklevel=3)
+            return
+        (skipped.append(name) if ev is None else evals.__setitem__(name, ev))
+
     bar = tqdm(total=len(specs), desc="models", disable=not progress)
     if workers == 1:
         for spec in specs:
-            ev = run_model(spec, config, run_dir, device, progress, deadline, train_only)
-            (skipped.append(spec["name"]) if ev is None else evals.__setitem__(spec["name"], ev))
+            collect(spec["name"], lambda: run_model(spec, config, run_dir, device, progress, deadline, train_only))
             bar.update(1)
     else:
         threads = max(1, (os.cpu_count() or 2) // workers)
@@ -409,18 +419,19 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
             jobs = {pool.submit(_worker, spec, config, str(run_dir), str(device), deadline, threads, train_only):
                     spec["name"] for spec in specs}
             for job in as_completed(jobs):
-                ev = job.result()
-                (skipped.append(jobs[job]) if ev is None else evals.__setitem__(jobs[job], ev))
+                collect(jobs[job], job.result)
                 bar.update(1)
-        evals = {s["name"]: evals[s["name"]] for s in specs if s["name"] in evals}  # config order
+    evals = {s["name"]: evals[s["name"]] for s in specs if s["name"] in evals}  # config order
     bar.close()
     if train_only:
         for name, ev in evals.items():
             print(f"{name}: {ev['train']['steps']} steps, stopped by {ev['train']['stopped_by']}")
         print(f"not started: {', '.join(sorted(skipped)) or 'none'}")
+        _raise_if_failed(failed, run_dir, None)
         return None
     metrics, targets = summarise(evals, config)
     metrics["skipped"] = sorted(skipped)
+    metrics["failed"] = failed
     metrics["workers"] = workers
     name = config.get("name", "path_independence")
     out_dir = Path(config.get("out_dir", "experiments/results"))
@@ -428,5 +439,16 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
 
     metrics["plots"] = plot_all(evals, metrics, out_dir, name)
     stored = copy.deepcopy(config)
-    return write_results(name, config=stored, metrics=metrics, targets=targets, device=device,
+    path = write_results(name, config=stored, metrics=metrics, targets=targets, device=device,
                          wall_clock_s=time.perf_counter() - start, out_dir=out_dir)
+    _raise_if_failed(failed, run_dir, path)
+    return path
+
+
+def _raise_if_failed(failed: dict[str, str], run_dir: Path, results: Path | None) -> None:
+    if not failed:
+        return
+    written = f"the results of the others are in {results}; " if results else ""
+    lines = "\n".join(f"  {name}: {why}" for name, why in failed.items())
+    raise RuntimeError(f"{len(failed)} model(s) failed:\n{lines}\n{written}re-run the same command on the same "
+                       f"run folder ({run_dir}) to retry them: finished models and evaluations are reused")
