@@ -9,8 +9,8 @@ NaN/inf and divergence detection, per-sample status, iteration counts, traces.
 Nothing inside a block of ``check_every`` iterations reads a device value on
 the host; the loop syncs once per block to see whether every sample has
 finished. All state lives in preallocated tensors updated in place and the
-iteration counter itself is a device tensor, so one block is the same sequence
-of kernels every time. That is what ``graph=True`` exploits: the block is
+iteration counter and the budget are device tensors, so one block is the same
+sequence of kernels every time, whatever ``max_iter`` the call asks for. That is what ``graph=True`` exploits: the block is
 captured once as a CUDA graph, cached with ``f``, and replayed in later calls,
 removing the per-kernel launch and Python cost that dominates small problems.
 """

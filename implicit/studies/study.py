@@ -368,7 +368,11 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
 
     ``train_only``: train (or train on) until ``time_budget_s`` is nearly spent, then stop without
     evaluating or writing results (returns ``None``): a study too long for one sitting runs as several
-    such commands on the same run folder and a last one without it."""
+    such commands on the same run folder and a last one without it.
+
+    A model that raises (out of GPU memory, say) does not lose the others: their results are written,
+    the failure is named in ``metrics["failed"]``, and a ``RuntimeError`` follows; a re-run on the same
+    run folder retries just the failed models."""
     start, wall_start = time.perf_counter(), time.time()
     device_opt = config.get("device", "auto")
     device = torch.device("cuda" if device_opt == "auto" and torch.cuda.is_available() else
@@ -446,6 +450,7 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
 
 
 def _raise_if_failed(failed: dict[str, str], run_dir: Path, results: Path | None) -> None:
+    """Raise one error naming every failed model and how to retry them (after the results are written)."""
     if not failed:
         return
     written = f"the results of the others are in {results}; " if results else ""
