@@ -1,5 +1,8 @@
 """The fixed-point solvers: correctness, per-sample convergence, statuses and input checks."""
 
+import shutil
+import weakref
+
 import pytest
 import torch
 from problems import linear_contraction, picard_divergent, tanh_problem
@@ -197,3 +200,27 @@ def test_unroll_marks_converged_samples_but_never_stops_early():
     assert nan.status.tolist() == [int(Status.CONVERGED), int(Status.NONFINITE)]
     with pytest.raises(ValueError, match="max_iter"):
         unroll(f, torch.zeros(1, 1), max_iter=0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_a_cached_solver_loop_is_reused_for_its_function_and_dropped_with_it():
+    """``compile=True`` (like ``graph=True`` on a GPU) caches the loop on ``f``: a second solve reuses it,
+    and once the caller lets go of ``f`` the loop goes too (it must not keep its own key alive)."""
+    import gc
+
+    from implicit.solvers._loop import _LOOP_CACHE
+
+    cached_before = len(_LOOP_CACHE)
+    W = 0.5 * torch.eye(6)
+    z0 = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    f = lambda z: torch.tanh(z @ W + 1.0)  # noqa: E731 - a fresh function object, as a caller's would be
+    first = picard(f, z0, tol=1e-6, max_iter=60, compile=True)
+    again = picard(f, 2 * z0, tol=1e-6, max_iter=60, compile=True)
+    eager = picard(f, 2 * z0, tol=1e-6, max_iter=60)
+    assert len(_LOOP_CACHE[f]) == 1 and bool(first.converged.all())
+    torch.testing.assert_close(again.z, eager.z)
+    key = weakref.ref(f)
+    del f
+    gc.collect()
+    assert key() is None and len(_LOOP_CACHE) == cached_before

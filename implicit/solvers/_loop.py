@@ -225,8 +225,10 @@ def iterate(
             key = (tuple(z.shape), z.dtype, z.device, method.key(), args)
             loop = cache.get(key)
         if loop is None:
-            loop = _Loop(flat.wrap(f), z, method, tol, max_iter, stop_mode, trace, diverge_factor, check_every,
-                         compile)
+            # a cached loop calls f through a weak reference: a strong one would keep f, its cache key,
+            # alive for good, and with it the captured graph and its memory
+            F = flat.wrap(_weak_call(f) if use_graph or compile else f)
+            loop = _Loop(F, z, method, tol, max_iter, stop_mode, trace, diverge_factor, check_every, compile)
             if use_graph or compile:
                 cache[key] = loop
         loop.reset(z, max_iter)
@@ -237,6 +239,12 @@ def iterate(
             if not bool(((loop.status == RUNNING) & (loop.it < max_iter)).any()):
                 break
         return loop.finish(flat, done, max_iter)
+
+
+def _weak_call(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``f`` called through a weak reference (valid while the caller holds ``f``, as ``iterate`` does)."""
+    ref = weakref.ref(f)
+    return lambda z: ref()(z)
 
 
 def _capture(loop: _Loop) -> "torch.cuda.CUDAGraph":
