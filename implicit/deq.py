@@ -104,6 +104,11 @@ class DEQ(nn.Module):
         state["_graph_inputs"] = {}
         return state
 
+    def release_graphs(self) -> None:
+        """Forget the static inputs of ``graph=True`` solves, and with them the solver's captured CUDA
+        graphs and the memory they hold (to retry with smaller batches after running out of memory)."""
+        self._graph_inputs.clear()
+
     def forward(self, x: Any, z0: Any = None, *, max_iter: int | None = None) -> tuple[Any, SolverResult]:
         if z0 is None:
             z0 = self.f.init_state(x) if hasattr(self.f, "init_state") else torch.zeros_like(x)

@@ -238,6 +238,34 @@ def test_a_failing_model_leaves_the_others_results_written_and_a_rerun_retries_i
     assert (tmp_path / "run" / "models" / "maze_deq_random.pt").stat().st_mtime_ns == stamp
 
 
+def test_evaluation_out_of_gpu_memory_halves_the_batch_and_frees_the_graphs(monkeypatch):
+    """An evaluation that runs out of GPU memory at batch 8 (simulated: batches above 2 "do not fit")
+    frees the DEQ's captured graphs, retries at 4 then 2, keeps 2 for the rest, and gives the results
+    of an evaluation run at batch 2 from the start."""
+    from implicit.studies import study
+    from implicit.studies.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("maze", {"kind": "deq", "width": 8, "budget": [4, 8], "tol": 1e-3})
+    train, tests = make_mazes(6, 5, seed=0), {7: make_mazes(6, 7, seed=1)}
+    cfg = {"eval_iters": [4, 12], "n_test": 6, "aa_iters": 12}
+    expected = study.evaluate_model(model, train, tests, cfg, {"eval_batch_size": 2}, "cpu")
+
+    released, tried = [], []
+    monkeypatch.setattr(model.deq, "release_graphs", lambda: released.append(1))
+    for name in ("correct_per_iters", "alignment_scores"):
+        def too_big(*args, batch_size, _real=getattr(study, name), **kwargs):
+            tried.append(batch_size)
+            if batch_size > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return _real(*args, batch_size=batch_size, **kwargs)
+        monkeypatch.setattr(study, name, too_big)
+    with pytest.warns(RuntimeWarning, match="out of GPU memory in evaluation"):
+        got = study.evaluate_model(model, train, tests, cfg, {"eval_batch_size": 8}, "cpu")
+    assert tried == [8, 4, 2, 2, 2] and len(released) == 2 and got["eval_batch_size"] == 2
+    assert got == expected
+
+
 def test_darcy_task_data_and_training():
     from pde.darcy import darcy_residual
     from implicit.studies.darcy_task import build_darcy_model, evaluate_darcy, interior_mse, make_darcy

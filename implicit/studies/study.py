@@ -199,24 +199,52 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
     return evaluation
 
 
+class BatchFitter:
+    """Runs an evaluation at the largest batch that fits: out of GPU memory, it frees the model's captured
+    graphs, halves the batch and tries again, and keeps the smaller batch for the evaluations after.
+    (The AA score pairs each input with its batch neighbour, so a smaller batch changes only which
+    pairs are scored.)"""
+
+    def __init__(self, model: nn.Module, batch: int):
+        self.model, self.batch = model, batch
+
+    def __call__(self, evaluate: Callable[[int], Any]) -> Any:
+        while True:
+            try:
+                return evaluate(self.batch)
+            except torch.OutOfMemoryError:
+                if self.batch == 1:
+                    raise
+                for module in self.model.modules():
+                    if hasattr(module, "release_graphs"):
+                        module.release_graphs()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.batch //= 2
+                warnings.warn(f"out of GPU memory in evaluation; trying again with batches of {self.batch}",
+                              RuntimeWarning, stacklevel=2)
+
+
 def evaluate_model(model, train_set: TaskSet, tests: dict[int, TaskSet], cfg: dict, config: dict, device) -> dict:
     """Accuracy vs iterations on every test size, per-sample AA and correctness, and a residual trace."""
     iters = [int(k) for k in cfg["eval_iters"]]
-    batch = int(config.get("eval_batch_size", 256))
+    fitting = BatchFitter(model, int(config.get("eval_batch_size", 256)))
     aa_iters = int(cfg.get("aa_iters", max(iters)))
     seen = TaskSet(*train_set[: int(cfg["n_test"])])  # in-distribution: training-size inputs
     in_iters = sorted({model.iters, *iters}) if model.iterative else [model.iters]
-    in_dist = correct_per_iters(model, seen, in_iters, batch_size=batch, device=device)
+    in_dist = fitting(lambda b: correct_per_iters(model, seen, in_iters, batch_size=b, device=device))
     out: dict[str, Any] = {"train_accuracy": float(in_dist[model.iters].float().mean()),
                            "in_distribution_accuracy": max(float(v.float().mean()) for v in in_dist.values()),
                            "accuracy": {}, "per_sample": {}}
     for size, data in tests.items():
-        correct = correct_per_iters(model, data, iters, batch_size=batch, device=device)
+        correct = fitting(lambda b: correct_per_iters(model, data, iters, batch_size=b, device=device))
         out["accuracy"][str(size)] = {str(k): float(v.float().mean()) for k, v in correct.items()}
         sample = {"correct": correct[max(iters)].tolist()}
         if model.iterative:
-            sample["aa"] = alignment_scores(model, data, aa_iters, batch_size=batch, device=device).tolist()
+            aa = fitting(lambda b: alignment_scores(model, data, aa_iters, batch_size=b, device=device))
+            sample["aa"] = aa.tolist()
         out["per_sample"][str(size)] = sample
+    out["eval_batch_size"] = fitting.batch
     if model.iterative:
         hardest = tests[max(tests)]
         trace = residual_trace(model, hardest, max(iters), count=int(config.get("trace_count", 32)), device=device)
