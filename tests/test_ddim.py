@@ -313,3 +313,20 @@ def test_disable_tf32_turns_off_tf32_for_convolutions_and_matmuls():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_sampling_does_not_keep_the_model_alive():
+    """The sampler keeps a stepper per model for reuse; that must not keep the model (and its memory)
+    alive once the caller lets go of it."""
+    import gc
+    import weakref
+
+    eps = UNetEps(tiny_unet(seed=3))
+    schedule = DDIMSchedule.create(clip_sample=False)
+    x_T = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = ddim(eps, x_T, schedule, 5)
+    torch.testing.assert_close(ddim(eps, x_T, schedule, 5), first)  # the kept stepper, reused
+    alive = weakref.ref(eps)
+    del eps
+    gc.collect()
+    assert alive() is None

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._weak import weak_callable
 from ..solvers import SolverResult, solve_recurrence
 from .schedule import DDIMSchedule
 
@@ -153,19 +154,21 @@ _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _cached(eps, key, make):
+    """``make(eps)``, kept per ``eps`` and ``key``; a kept object gets ``eps`` through a weak reference,
+    or it would keep its own key, the model, alive for good."""
     try:
         cache = _CACHE.setdefault(eps, {})
-    except TypeError:
-        return make()
+    except TypeError:  # eps cannot be weakly referenced: nothing is kept
+        return make(eps)
     if key not in cache:
-        cache[key] = make()
+        cache[key] = make(weak_callable(eps))
     return cache[key]
 
 
 def _stepper(eps, schedule, n_steps, eta, x, with_linear: bool = False, clip_slope: float = 0.0) -> DDIMStep:
     key = ("step", id(schedule), n_steps, eta, x.dtype, x.device, with_linear, float(clip_slope))
-    return _cached(eps, key, lambda: DDIMStep(eps, schedule, n_steps, eta, x.dtype, x.device, with_linear,
-                                              clip_slope))
+    return _cached(eps, key, lambda fn: DDIMStep(fn, schedule, n_steps, eta, x.dtype, x.device, with_linear,
+                                                 clip_slope))
 
 
 def ddim(

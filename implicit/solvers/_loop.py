@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._weak import weak_callable
 from ._result import RUNNING, SolverResult, Status
 from ._tree import Flattener, batch_norm
 
@@ -227,7 +228,7 @@ def iterate(
         if loop is None:
             # a cached loop calls f through a weak reference: a strong one would keep f, its cache key,
             # alive for good, and with it the captured graph and its memory
-            F = flat.wrap(_weak_call(f) if use_graph or compile else f)
+            F = flat.wrap(weak_callable(f) if use_graph or compile else f)
             loop = _Loop(F, z, method, tol, max_iter, stop_mode, trace, diverge_factor, check_every, compile)
             if use_graph or compile:
                 cache[key] = loop
@@ -239,12 +240,6 @@ def iterate(
             if not bool(((loop.status == RUNNING) & (loop.it < max_iter)).any()):
                 break
         return loop.finish(flat, done, max_iter)
-
-
-def _weak_call(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``f`` called through a weak reference (valid while the caller holds ``f``, as ``iterate`` does)."""
-    ref = weakref.ref(f)
-    return lambda z: ref()(z)
 
 
 def _capture(loop: _Loop) -> "torch.cuda.CUDAGraph":
