@@ -268,6 +268,8 @@ def capture_graph(body: Callable[[], None], repeats: int, state: list[Tensor], w
         with torch.cuda.graph(cuda_graph):
             for _ in range(repeats):
                 body()
+    except torch.OutOfMemoryError:
+        raise  # a RuntimeError too, but no fault of the function's: callers may retry smaller
     except RuntimeError as err:
         raise RuntimeError(
             f"graph=True could not capture {what} as a CUDA graph; {fn_name} must not sync "
