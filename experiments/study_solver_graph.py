@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from implicit.results import write_results
     from implicit.studies.mazes import make_mazes
     from implicit.studies.models import build_model
-    from implicit.studies.study import load_config, model_specs
+    from implicit.studies.study import load_config, model_specs, training_summary
     from implicit.studies.train import train_model
 
     config = load_config(ROOT / "experiments" / "configs" / "path_independence.toml")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         info = train_model(model, data, run_spec, device=device)
         runs["graph" if graph else "eager"] = {"steps": info["steps"], "seconds": info["train_seconds"],
                                                "steps_per_s": info["steps"] / info["train_seconds"],
-                                               "final_loss": sum(info["loss_history"][-20:]) / len(info["loss_history"][-20:])}
+                                               "final_loss": training_summary(info)["final_loss"]}
         print(f"graph={graph}: {info['steps']} steps in {info['train_seconds']:.1f} s", flush=True)
     ratio = runs["graph"]["steps_per_s"] / runs["eager"]["steps_per_s"]
     config_out = {"model": "maze_deq_progressive (experiments/configs/path_independence.toml)", "spec": spec,

@@ -10,9 +10,10 @@ Nothing inside a block of ``check_every`` iterations reads a device value on
 the host; the loop syncs once per block to see whether every sample has
 finished. All state lives in preallocated tensors updated in place and the
 iteration counter and the budget are device tensors, so one block is the same
-sequence of kernels every time, whatever ``max_iter`` the call asks for. That is what ``graph=True`` exploits: the block is
-captured once as a CUDA graph, cached with ``f``, and replayed in later calls,
-removing the per-kernel launch and Python cost that dominates small problems.
+sequence of kernels every time, whatever ``max_iter`` the call asks for. That
+is what ``graph=True`` exploits: the block is captured once as a CUDA graph,
+cached with ``f``, and replayed in later calls, removing the per-kernel launch
+and Python cost that dominates small problems.
 """
 
 from __future__ import annotations
@@ -214,10 +215,11 @@ def iterate(
     with torch.no_grad():
         z = flat.flatten(z0)
         use_graph = graph and z.device.type == "cuda"
+        cached = use_graph or compile  # reuse the captured graph / compiled update across calls
         # the budget is a device tensor of the loop, so it is in the key only where it sizes the trace
         args = (tol, max_iter if trace else None, stop_mode, trace, diverge_factor, check_every, compile)
         loop = None
-        if use_graph or compile:  # reuse the captured graph / compiled update across calls
+        if cached:
             try:
                 cache = _LOOP_CACHE.setdefault(f, {})
             except TypeError:
@@ -228,9 +230,9 @@ def iterate(
         if loop is None:
             # a cached loop calls f through a weak reference: a strong one would keep f, its cache key,
             # alive for good, and with it the captured graph and its memory
-            F = flat.wrap(weak_callable(f) if use_graph or compile else f)
+            F = flat.wrap(weak_callable(f) if cached else f)
             loop = _Loop(F, z, method, tol, max_iter, stop_mode, trace, diverge_factor, check_every, compile)
-            if use_graph or compile:
+            if cached:
                 cache[key] = loop
         loop.reset(z, max_iter)
         done = 0
