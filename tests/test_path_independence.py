@@ -119,11 +119,16 @@ def test_spearman():
     assert spearman([1, 1, 2, 3], [1, 1, 2, 3]) == pytest.approx(1.0)
 
 
+def tiny_study_args(tmp_path, *extra: str) -> list[str]:
+    """The command line of the tiny study on the CPU, its run and output folders under ``tmp_path``."""
+    return ["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
+            str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu", *extra]
+
+
 def test_study_command_end_to_end_and_resumes(tmp_path):
     from implicit.cli import main
 
-    args = ["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
-            str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    args = tiny_study_args(tmp_path)
     main(args)
     data = json.loads((tmp_path / "out" / "path_independence_tiny.json").read_text())
     for key in ("device", "torch", "commit", "config", "metrics", "targets"):
@@ -150,9 +155,7 @@ def test_study_train_only_trains_without_evaluating_then_a_full_run_reuses_the_m
     results; the next full command evaluates those models without training them again."""
     from implicit.cli import main
 
-    args = ["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
-            str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu",
-            "--models", "maze_deq_random,darcy_deq"]
+    args = tiny_study_args(tmp_path, "--models", "maze_deq_random,darcy_deq")
     main(args + ["--train-only"])
     assert "maze_deq_random: " in capsys.readouterr().out
     models = tmp_path / "run" / "models"
@@ -198,9 +201,8 @@ def test_training_stops_on_the_clock():
 def test_study_budget_skips_models_but_writes_results(tmp_path):
     from implicit.cli import main
 
-    main(["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
-          str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu",
-          "--models", "maze_deq_random,maze_feedforward", "--set", "time_budget_s=1", "--set", "eval_reserve_s=5"])
+    main(tiny_study_args(tmp_path, "--models", "maze_deq_random,maze_feedforward", "--set", "time_budget_s=1",
+                         "--set", "eval_reserve_s=5"))
     data = json.loads((tmp_path / "out" / "path_independence_tiny.json").read_text())
     assert data["metrics"]["skipped"] == ["maze_deq_random", "maze_feedforward"]
     assert data["metrics"]["models"] == {} and data["targets"]["aa_vs_hard_accuracy_rank_correlation_8plus_models"]["met"] is False
@@ -220,9 +222,7 @@ def test_a_failing_model_leaves_the_others_results_written_and_a_rerun_retries_i
         return run_model(spec, *args)
 
     monkeypatch.setattr(study, "run_model", failing)
-    args = ["study", "path-independence", "experiments/configs/path_independence_tiny.toml", "--run-dir",
-            str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--no-progress", "--device", "cpu",
-            "--models", "maze_deq_random,maze_feedforward"]
+    args = tiny_study_args(tmp_path, "--models", "maze_deq_random,maze_feedforward")
     with pytest.warns(RuntimeWarning, match="maze_feedforward failed"), \
             pytest.raises(RuntimeError, match="1 model.*failed:\n  maze_feedforward: MemoryError: out of memory\n"):
         main(args)
