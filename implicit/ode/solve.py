@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._weak import weak_callable
 from ..solvers import NonFiniteError, SolverResult, Status
 from ..solvers.recurrence import solve_recurrence
 from ..solvers.sequential import graphed_rollout
@@ -64,7 +65,8 @@ def _grid_step(func: Field, t: Tensor, method: str, diffusion: Field | None, per
     key = (method, diffusion, sde_type, tuple(t.shape), t.dtype, t.device)
     cache = _STEPS.setdefault(func, {})
     if key not in cache:
-        cache[key] = GridStep(func, t, method, diffusion, sde_type)
+        # func called weakly: a cached value holding its own key would never be freed
+        cache[key] = GridStep(weak_callable(func), t, method, diffusion, sde_type)
     step = cache[key]
     step.t.copy_(t)
     return step

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._weak import weak_callable
 from ._loop import capture_graph
 from ._result import SolverResult, Status
 from .recurrence import _call_step, _split, scaled_scan
@@ -163,7 +164,9 @@ def solve_window(step, x0: Tensor, K: int, w: int, *, inputs, linear, init, tol:
                    None if inputs is None else (tuple(inputs.shape), inputs.dtype),
                    linear if linear is None or isinstance(linear, str) else "tensor")
             if key not in cache:
-                cache[key] = WindowRounds(step, x0, K, w, inputs, linear, tol, rel, fill, chunk, max_iter)
+                # called weakly: a cached value holding its own key would never be freed
+                cache[key] = WindowRounds(weak_callable(step), x0, K, w, inputs, linear, tol, rel, fill, chunk,
+                                          max_iter)
             rounds = cache[key]
         else:
             rounds = WindowRounds(step, x0, K, w, inputs, linear, tol, rel, fill, chunk, max_iter)

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._weak import weak_callable
 from ._loop import Method, check_options, iterate
 from ._result import SolverResult
 from .anderson import _Anderson
@@ -355,8 +356,9 @@ def solve_recurrence(
             x0_buf = x0d.clone()
             u_buf = None if ud is None else ud.clone()
             lin_buf = lin_map.clone() if torch.is_tensor(lin_map) else lin_map
-            F = (_WindowMap(step, x0_buf, u_buf, K, chunk, rule, lin_buf) if method == "window"
-                 else _TrajectoryMap(step, x0_buf, u_buf, K, chunk, lin_buf))
+            weak_step = weak_callable(step)  # a cached value holding its own key would never be freed
+            F = (_WindowMap(weak_step, x0_buf, u_buf, K, chunk, rule, lin_buf) if method == "window"
+                 else _TrajectoryMap(weak_step, x0_buf, u_buf, K, chunk, lin_buf))
             cache[key] = F
         F = cache[key]
         F.x0.copy_(x0d)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .._weak import weak_callable
 from ._loop import capture_graph
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -85,6 +86,6 @@ def graphed_rollout(step: Callable[..., Tensor], x0: Tensor, n_steps: int, *, in
     key = (tuple(x0.shape), x0.dtype, x0.device, K, trajectory,
            None if inputs is None else (tuple(inputs.shape), inputs.dtype))
     if key not in cache:
-        cache[key] = _GraphedStep(step, x0, K, inputs, trajectory)
+        cache[key] = _GraphedStep(weak_callable(step), x0, K, inputs, trajectory)  # not holding its own key
     with torch.no_grad():
         return cache[key].run(x0, inputs, K)
