@@ -49,20 +49,15 @@ def ift(
     if not z_out.requires_grad:
         return z_out
     solve = get_solver(solver)
-    inside = [False]  # the VJPs below flow through z_out and would re-enter this hook
 
-    def hook(grad: Tensor) -> Tensor:
-        if inside[0] or grad is None:
+    def hook(grad: Tensor | None) -> Tensor | None:
+        if grad is None:
             return grad
 
         def adjoint(u: Tensor) -> Tensor:
             return torch.autograd.grad(z_out, z_in, u, retain_graph=True)[0] + grad
 
-        inside[0] = True
-        try:
-            result = solve(adjoint, grad, tol=tol, max_iter=max_iter, stop_mode=stop_mode, **solver_options)
-        finally:
-            inside[0] = False
+        result = solve(adjoint, grad, tol=tol, max_iter=max_iter, stop_mode=stop_mode, **solver_options)
         if on_result is not None:
             on_result(result)
         elif not result.all_converged:
@@ -70,8 +65,12 @@ def ift(
                           NonConvergenceWarning, stacklevel=2)
         return result.z
 
-    z_out.register_hook(hook)
-    return z_out
+    # The hook goes on a copy: a hook on z_out that refers to z_out would be a reference cycle, and the
+    # graph of f (GPU memory) would wait for Python's cyclic collector instead of being freed at once.
+    # The VJPs above flow through z_out only, so they do not re-enter the hook either.
+    z = z_out.clone()
+    z.register_hook(hook)
+    return z
 
 
 def phantom(f: FlatFn, z_star: Tensor, *, steps: int = 1, damping: float = 0.5, **_: Any) -> Tensor:

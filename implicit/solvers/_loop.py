@@ -18,6 +18,7 @@ and Python cost that dominates small problems.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable
 
@@ -95,7 +96,9 @@ class _Loop:
         method.init(z)
         self.cuda_graph = None
         # Everything after f in one iteration; compiled, its many small kernels fuse into a few.
-        self.update = torch.compile(self._update, fullgraph=True, dynamic=False) if compile else self._update
+        # A plain function, not a bound method: self -> bound method -> self would be a reference cycle,
+        # and the loop's state (the method's history: GPU memory) would wait for the cyclic collector.
+        self.update = torch.compile(_Loop._update, fullgraph=True, dynamic=False) if compile else _Loop._update
 
     def reset(self, z0: Tensor, max_iter: int) -> None:
         self.z.copy_(z0)
@@ -113,7 +116,7 @@ class _Loop:
         # the bookkeeping and the method's update (Gram matrices, small linear solves) stay in z's
         # precision: under autocast they would silently drop to bfloat16 or fail on mixed dtypes
         with torch.autocast(self.z.device.type, enabled=False):
-            self.update(fz.to(self.z.dtype))
+            self.update(self, fz.to(self.z.dtype))
 
     def _update(self, fz: Tensor) -> None:
         z, it = self.z, self.it
@@ -249,6 +252,13 @@ def _capture(loop: _Loop) -> "torch.cuda.CUDAGraph":
     return capture_graph(loop.iteration, loop.block, _state_tensors(loop), "the solver loop", "f")
 
 
+@functools.lru_cache(maxsize=None)
+def _warmup_stream(device: int) -> "torch.cuda.Stream":
+    """One side stream per device for every warm-up: libraries keep per-stream state (cuBLAS a 32 MiB
+    workspace per stream on Hopper), so a new stream per capture would leave that much behind each time."""
+    return torch.cuda.Stream(device)
+
+
 def capture_graph(body: Callable[[], None], repeats: int, state: list[Tensor], what: str,
                   fn_name: str) -> "torch.cuda.CUDAGraph":
     """Record ``repeats`` calls of ``body`` as one CUDA graph, after one warm-up call on a side stream.
@@ -258,7 +268,7 @@ def capture_graph(body: Callable[[], None], repeats: int, state: list[Tensor], w
     name the captured work and the user's function in the error raised when capture fails.
     """
     saved = [t.clone() for t in state]
-    stream = torch.cuda.Stream()
+    stream = _warmup_stream(torch.cuda.current_device())
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         body()
