@@ -165,3 +165,76 @@ def test_study_deq_with_graphed_solves_matches_eager():
             for a, b in zip(*grads):
                 torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
     assert len(nets[1].deq._graph_inputs) == 2  # one static input per batch shape
+
+
+def _graphed_rollout(step, x0):
+    from implicit.solvers.sequential import graphed_rollout
+
+    return graphed_rollout(step, x0, 40)
+
+
+def _graphed_recurrence(**options):
+    return lambda step, x0: solve_recurrence(step, x0, 40, tol=1e-6, graph=True, backward=None, **options).z
+
+
+def _graphed_odeint(step, x0):
+    from implicit.ode import odeint_parallel
+
+    field = lambda t, y: step(y, torch.zeros(y.shape[0], dtype=torch.long, device=y.device)) - y  # noqa: E731
+    step.field = field  # the field lives exactly as long as the module
+    return odeint_parallel(field, x0, torch.linspace(0, 1, 41, device="cuda"), method="euler", graph=True)[0]
+
+
+@pytest.mark.parametrize("run", [_graphed_rollout, _graphed_recurrence(method="anderson"),
+                                 _graphed_recurrence(method="window", window=8),
+                                 _graphed_recurrence(method="window", window=8, compact=True), _graphed_odeint],
+                         ids=["rollout", "anderson", "window", "window-compact", "odeint"])
+def test_captured_graphs_do_not_keep_their_step_alive(run):
+    """Every CUDA-graph cache is keyed weakly on the user's step (or field); its cached objects call
+    that step through a weak reference, so deleting the step frees the step, its graphs and buffers."""
+    import gc
+    import weakref
+
+    step = Step().cuda()
+    x0 = torch.randn(3, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    for _ in range(2):  # capture, then replay
+        run(step, x0)
+    alive = weakref.ref(step)
+    del step
+    gc.collect()
+    assert alive() is None
+
+
+def test_release_graphs_frees_the_captured_loops_and_their_memory():
+    """``DEQ.release_graphs`` (what the study's evaluation calls when out of GPU memory) drops the static
+    inputs of graphed solves, and with them the cached solver loops, their CUDA graphs and memory."""
+    import gc
+    import warnings
+
+    from implicit.solvers import NonConvergenceWarning
+    from implicit.solvers._loop import _LOOP_CACHE
+    from implicit.studies.mazes import make_mazes
+    from implicit.studies.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("maze", {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4,
+                               "solver_options": {"graph": True}}).cuda().eval()
+    x = make_mazes(64, 9, seed=0).x.cuda()
+
+    def solve():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonConvergenceWarning)  # a fixed budget of 12, by design
+            e = net.encoder(x)
+            net.solve(e, torch.zeros_like(e), 12)
+
+    gc.collect()
+    loops = len(_LOOP_CACHE)
+    solve()  # the first capture also sets up per-stream library workspaces, which stay
+    net.deq.release_graphs()
+    base = torch.cuda.memory_allocated()
+    solve()
+    held = torch.cuda.memory_allocated()
+    assert len(_LOOP_CACHE) > loops and held > base
+    net.deq.release_graphs()
+    assert len(_LOOP_CACHE) == loops  # freed by reference counting, no collector needed
+    assert torch.cuda.memory_allocated() <= base
