@@ -46,6 +46,8 @@ _FLAGS = {
     "--backward": ("backward", str, "fno-deq gradient: ift | phantom | jfb | unrolled"),
     "--backward-steps": ("backward_steps", int, "phantom/unrolled gradient steps"),
     "--backward-damping": ("backward_damping", float, "phantom gradient damping"),
+    "--backward-tol": ("backward_tol", float, "ift: adjoint solve tolerance (default: --tol)"),
+    "--backward-max-iter": ("backward_max_iter", int, "ift: adjoint solve iterations (default: --max-iter)"),
     "--pretrain-steps": ("pretrain_steps", int, "fno-deq: first training steps run unrolled iterations"),
     "--pretrain-iter": ("pretrain_iter", int, "fno-deq: unrolled iterations during pretraining"),
     "--epochs": ("epochs", int, "training epochs"),

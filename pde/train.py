@@ -84,6 +84,9 @@ class TrainConfig:
     backward: str = "phantom"
     backward_steps: int = 1
     backward_damping: float = 0.5
+    # ift: the adjoint solve's relative tolerance and iteration cap (default: tol and max_iter)
+    backward_tol: float | None = None
+    backward_max_iter: int | None = None
     pretrain_steps: int = 300
     pretrain_iter: int = 8
     epochs: int = 500
@@ -126,6 +129,11 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        if self.backward_max_iter is not None and (not isinstance(self.backward_max_iter, int)
+                                                   or self.backward_max_iter < 1):
+            raise ValueError(f"backward_max_iter must be a positive integer, got {self.backward_max_iter!r}")
+        if self.backward_tol is not None and not self.backward_tol > 0:
+            raise ValueError(f"backward_tol must be > 0, got {self.backward_tol!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.noise_level < 0 or not self.noise_scale > 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, noise_level >= 0 and noise_scale > 0, got {self.lr}, "
                              f"{self.weight_decay}, {self.noise_level}, {self.noise_scale}")
@@ -143,6 +151,9 @@ class TrainConfig:
             opts = {} if self.backward in ("ift", "jfb") else {"steps": self.backward_steps}
             if self.backward == "phantom":
                 opts["damping"] = self.backward_damping
+            if self.backward == "ift":
+                opts.update({k: v for k, v in (("tol", self.backward_tol), ("max_iter", self.backward_max_iter))
+                             if v is not None})
             kw.update(solver=self.solver, tol=self.tol, max_iter=self.max_iter, eval_max_iter=self.eval_max_iter,
                       backward=self.backward, backward_options=opts, pretrain_steps=self.pretrain_steps,
                       pretrain_iter=self.pretrain_iter)

@@ -270,3 +270,26 @@ def test_solver_graph_option_reaches_the_deq():
     assert _flag_bool("true") is True and _flag_bool("0") is False
     with pytest.raises(Exception, match="expected true or false"):
         _flag_bool("maybe")
+
+
+def test_ift_adjoint_tolerance_and_budget_reach_the_backward_solve():
+    """``backward_tol`` / ``backward_max_iter`` (``--backward-tol``, ``--backward-max-iter``) set FNO-DEQ's
+    adjoint solve apart from its forward one: a cap of 2 iterations stops it at 2, a loose tolerance
+    stops it earlier than the forward's tight one, and both change the gradient."""
+    from pde.train import TrainConfig
+
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, extra in {"default": {}, "capped": {"backward_max_iter": 2}, "loose": {"backward_tol": 1e-2}}.items():
+        cfg = TrainConfig(model="fno-deq", width=4, modes=3, backward="ift", tol=1e-9, max_iter=40,
+                          pretrain_steps=0, **extra)
+        torch.manual_seed(1)
+        net = build_model("fno-deq", **cfg.model_kwargs(1, 1)).train()
+        net(x).pow(2).mean().backward()
+        runs[name] = (net.last_adjoint["n_iter"], torch.cat([p.grad.flatten() for p in net.block.parameters()]))
+    assert runs["capped"][0] == 2 and runs["loose"][0] < runs["default"][0]
+    assert not torch.allclose(runs["capped"][1], runs["default"][1])
+    with pytest.raises(ValueError, match="backward_max_iter"):
+        TrainConfig(model="fno-deq", backward_max_iter=0)
+    with pytest.raises(ValueError, match="backward_tol"):
+        TrainConfig(model="fno-deq", backward_tol=-1.0)
