@@ -1,0 +1,97 @@
+"""FNO-DEQ's gradient on Darcy: the paper's phantom gradient vs exact implicit (IFT) and a longer phantom,
+against FNO++ depth 4 in the same process (writes fno_deq_darcy_backward[_EPOCHS].json).
+
+Every run trains one of the paper's Darcy configs (experiments/configs/darcy-*.toml) on darcy-85 for
+``--epochs`` (cosine schedule over those epochs), one after the other on one device; only the FNO-DEQ
+backward differs between the FNO-DEQ runs:
+
+- ``phantom-1``: the paper's (damping 0.5, 1 step);
+- ``phantom-3``: damping 0.8, 3 steps (the paper's Navier-Stokes setting);
+- ``ift``: exact implicit gradient, the adjoint solved by Anderson to ``--ift-tol`` (relative).
+
+The question: does a better gradient close FNO-DEQ's gap to FNO++ at equal epochs?
+
+    python experiments/fno_deq_backward.py --out DIR --epochs 16                      # GPU, ~6 min on an H100
+    python experiments/fno_deq_backward.py --out DIR --epochs 64 --variants fno++,ift  # GPU, ~8 min
+    python experiments/fno_deq_backward.py --small --out /tmp/b                       # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "fno++": ("darcy-fno++-d4.toml", {}),
+    "phantom-1": ("darcy-fno-deq.toml", {}),
+    "phantom-3": ("darcy-fno-deq.toml", {"backward_steps": 3, "backward_damping": 0.8}),
+    "ift": ("darcy-fno-deq.toml", {"backward": "ift"}),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="results JSON folder (the runs go to OUT/runs)")
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--ift-tol", type=float, default=1e-4, help="relative tolerance of the IFT adjoint solve")
+    p.add_argument("--small", action="store_true", help="toy data and model on the CPU")
+    args = p.parse_args(argv)
+    from implicit.results import write_results
+    from pde.train import load_config, train
+
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or not names:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    out = Path(args.out)
+    small = dict(data="darcy-quick", width=8, modes=4, max_iter=6, eval_max_iter=6, batch_size=16,
+                 pretrain_steps=4, device="cpu") if args.small else {}
+    t0 = time.time()
+    runs = {}
+    for name in names:
+        config_file, extra = VARIANTS[name]
+        extra = dict(extra, backward_tol=args.ift_tol) if name == "ift" else extra
+        if name == "fno++":
+            small_run = {k: v for k, v in small.items() if k not in ("max_iter", "eval_max_iter", "pretrain_steps")}
+        else:
+            small_run = small
+        cfg = load_config(None, ROOT / "experiments" / "configs" / config_file, epochs=args.epochs, seed=args.seed,
+                          solver_graph=name != "fno++", plot=False, out=str(out / "runs" / name),
+                          **extra, **small_run)
+        summary = train(cfg, overwrite=True, progress=False, log=lambda s: None)
+        last = summary["history"][-1]
+        times = [h["time_s"] for h in summary["history"]]
+        runs[name] = {"config": config_file, "overrides": extra, "parameters": summary["parameters"],
+                      "test_rel_l2": last.get("test_rel_l2"), "train_rel_l2": last.get("train_rel_l2"),
+                      "test_rel_l2_curve": [[h["epoch"], h.get("test_rel_l2")] for h in summary["history"]],
+                      "epoch_time_s_last": times[-1], "train_time_s": sum(times),
+                      "peak_memory_bytes": summary.get("peak_memory_bytes")}
+        print(f"{name}: test rel L2 {runs[name]['test_rel_l2']:.5f}, last epoch {times[-1]:.1f} s", flush=True)
+    metrics: dict = {"runs": runs}
+    if "fno++" in runs:
+        metrics["ratio_to_fno++"] = {n: r["test_rel_l2"] / runs["fno++"]["test_rel_l2"]
+                                     for n, r in runs.items() if n != "fno++"}
+    config = {"epochs": args.epochs, "seed": args.seed, "variants": names, "ift_tol": args.ift_tol,
+              "small": args.small, "data": "darcy-85 (1024 train / 500 test at 85x85)",
+              "protocol": "REDUCED: one seed, --epochs (paper: 500, 3 seeds); runs one after the other in one "
+                          "process on one device; FNO-DEQ forward solve replayed as a CUDA graph; epoch time "
+                          "excludes test evaluation"}
+    name = "fno_deq_darcy_backward" + ("_small" if args.small else f"_{args.epochs}ep")
+    path = write_results(name, config=config, metrics=metrics,
+                         device=torch.device("cpu") if args.small else None, wall_clock_s=time.time() - t0,
+                         out_dir=out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
