@@ -166,8 +166,8 @@ class DEQ(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device)
         entry = self._graph_inputs.get(key)
         if entry is None:
-            static = x.detach().clone()
-            entry = self._graph_inputs[key] = (static, lambda z: self.f(z, static))
+            static, f = x.detach().clone(), self.f  # f, not self: no cycle through self._graph_inputs
+            entry = self._graph_inputs[key] = (static, lambda z: f(z, static))
         else:
             entry[0].copy_(x)
         return entry[1]

@@ -238,3 +238,33 @@ def test_release_graphs_frees_the_captured_loops_and_their_memory():
     net.deq.release_graphs()
     assert len(_LOOP_CACHE) == loops  # freed by reference counting, no collector needed
     assert torch.cuda.memory_allocated() <= base
+
+
+def test_deleting_a_graphed_deq_frees_its_captured_loops_at_once():
+    """A DEQ's static-input functions refer to its layer, not to the DEQ, so dropping the model frees its
+    cached solver loops and CUDA graphs by reference counting (a cycle would wait for the collector)."""
+    import gc
+    import warnings
+
+    from implicit.solvers import NonConvergenceWarning
+    from implicit.solvers._loop import _LOOP_CACHE
+    from implicit.studies.mazes import make_mazes
+    from implicit.studies.models import build_model
+
+    gc.collect()
+    loops = len(_LOOP_CACHE)
+    torch.manual_seed(0)
+    net = build_model("maze", {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4,
+                               "solver_options": {"graph": True}}).cuda().eval()
+    x = make_mazes(16, 9, seed=0).x.cuda()
+    gc.disable()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonConvergenceWarning)  # a fixed budget of 12, by design
+            e = net.encoder(x)
+            net.solve(e, torch.zeros_like(e), 12)
+        assert len(_LOOP_CACHE) > loops
+        del net, e
+        assert len(_LOOP_CACHE) == loops
+    finally:
+        gc.enable()
