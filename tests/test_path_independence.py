@@ -266,6 +266,38 @@ def test_evaluation_out_of_gpu_memory_halves_the_batch_and_frees_the_graphs(monk
     assert got == expected
 
 
+def test_darcy_evaluation_out_of_gpu_memory_halves_the_batch(monkeypatch):
+    """The Darcy task's evaluation backs off like the others: predictions and AA scores that "do not fit"
+    above batch 2 (simulated) are retried at 4 then 2, and give the results of a batch-2 evaluation."""
+    from implicit.studies import evaluate
+    from implicit.studies.darcy_task import build_darcy_model, evaluate_darcy, make_darcy
+
+    train = make_darcy(8, 9, low=6.0, high=12.0, seed=0)
+    tests = {"r9": make_darcy(6, 9, low=6.0, high=12.0, seed=1)}
+    torch.manual_seed(0)
+    model = build_darcy_model({"width": 8, "budget": [4, 8], "init": "random", "tol": 1e-3}, train)
+    expected = evaluate_darcy(model, train, tests, [2, 8], batch_size=2)
+    predict, scores, tried = model.predict, evaluate.alignment_scores, []
+
+    def predict_small(x, *args):
+        tried.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return predict(x, *args)
+
+    def scores_small(*args, batch_size, **kwargs):
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return scores(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(model, "predict", predict_small)
+    monkeypatch.setattr(evaluate, "alignment_scores", scores_small)
+    with pytest.warns(RuntimeWarning, match="out of GPU memory in evaluation"):
+        got = evaluate_darcy(model, train, tests, [2, 8], batch_size=8)
+    assert tried[:2] == [6, 4] and set(tried[2:]) == {2} and got["eval_batch_size"] == 2
+    assert got == expected
+
+
 def test_darcy_task_data_and_training():
     from pde.darcy import darcy_residual
     from implicit.studies.darcy_task import build_darcy_model, evaluate_darcy, interior_mse, make_darcy

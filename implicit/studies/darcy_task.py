@@ -149,12 +149,13 @@ def build_darcy_model(spec: dict, train_set: TaskSet) -> DarcyNet:
 def evaluate_darcy(model: DarcyNet, train_set: TaskSet, tests: dict[str, TaskSet], iters: list[int], *,
                    aa_iters: int | None = None, batch_size: int = 64, device: torch.device | str = "cpu") -> dict:
     """Relative L2 error vs test-time iterations on every set, per-sample AA and its correlation with the error."""
-    from .evaluate import alignment_scores, spearman
+    from .evaluate import BatchFitter, alignment_scores, spearman
 
     model.to(device).eval()
     aa_iters = aa_iters or max(iters)
+    fitting = BatchFitter(model, batch_size)  # out of GPU memory: smaller batches
 
-    def errors(data: TaskSet) -> dict[int, Tensor]:
+    def errors(data: TaskSet, batch_size: int) -> dict[int, Tensor]:
         out: dict[int, list[Tensor]] = {k: [] for k in iters}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonConvergenceWarning)
@@ -167,11 +168,11 @@ def evaluate_darcy(model: DarcyNet, train_set: TaskSet, tests: dict[str, TaskSet
     sets = {"train": TaskSet(*train_set[:len(next(iter(tests.values())))]), **tests}
     result: dict[str, Any] = {"rel_l2": {}, "per_sample": {}, "aa_vs_error_spearman": {}}
     for name, data in sets.items():
-        err = errors(data)
+        err = fitting(lambda b: errors(data, b))
         result["rel_l2"][name] = {str(k): float(v.mean()) for k, v in err.items()}
         sample = {"rel_l2": err[max(iters)].tolist()}
         if model.iterative and len(data) > 1:
-            aa = alignment_scores(model, data, aa_iters, batch_size=batch_size, device=device)
+            aa = fitting(lambda b: alignment_scores(model, data, aa_iters, batch_size=b, device=device))
             sample["aa"] = aa.tolist()
             result["aa_vs_error_spearman"][name] = spearman(aa, err[max(iters)]) if aa.unique().numel() > 1 else None
         result["per_sample"][name] = sample
@@ -183,6 +184,7 @@ def evaluate_darcy(model: DarcyNet, train_set: TaskSet, tests: dict[str, TaskSet
     aa_all = [a for n in hardest for a in result["per_sample"][n].get("aa", [])]
     if aa_all:
         result["aa_mean"] = sum(aa_all) / len(aa_all)
+    result["eval_batch_size"] = fitting.batch
     return result
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from implicit.analysis import asymptotic_alignment
 from implicit.solvers import NonConvergenceWarning, unroll
@@ -13,6 +14,32 @@ from implicit.solvers import NonConvergenceWarning, unroll
 from .data import TaskSet
 from .models import IterativeNet
 from .train import exact_correct
+
+
+class BatchFitter:
+    """Runs an evaluation at the largest batch that fits: out of GPU memory, it frees the model's captured
+    graphs, halves the batch and tries again, and keeps the smaller batch for the evaluations after.
+    (The AA score pairs each input with its batch neighbour, so a smaller batch changes only which
+    pairs are scored.)"""
+
+    def __init__(self, model: nn.Module, batch: int):
+        self.model, self.batch = model, batch
+
+    def __call__(self, evaluate: Callable[[int], Any]) -> Any:
+        while True:
+            try:
+                return evaluate(self.batch)
+            except torch.OutOfMemoryError:
+                if self.batch == 1:
+                    raise
+                for module in self.model.modules():
+                    if hasattr(module, "release_graphs"):
+                        module.release_graphs()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.batch //= 2
+                warnings.warn(f"out of GPU memory in evaluation; trying again with batches of {self.batch}",
+                              RuntimeWarning, stacklevel=2)
 
 
 def _batches(data: TaskSet, batch_size: int, device):

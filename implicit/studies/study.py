@@ -37,7 +37,7 @@ from tqdm import tqdm
 from implicit.results import save_torch_atomic, target, write_json_atomic, write_results
 
 from .data import TaskSet
-from .evaluate import alignment_scores, correct_per_iters, residual_trace, spearman
+from .evaluate import BatchFitter, alignment_scores, correct_per_iters, residual_trace, spearman
 from .mazes import make_mazes
 from .models import build_model
 from .prefix_sums import make_prefix_sums
@@ -197,32 +197,6 @@ def run_model(spec: dict, config: dict, run_dir: Path, device: torch.device, pro
     evaluation.update(spec=spec, name=name, task=task, train=training_summary(ckpt["train"]))
     write_json_atomic(eval_path, evaluation)
     return evaluation
-
-
-class BatchFitter:
-    """Runs an evaluation at the largest batch that fits: out of GPU memory, it frees the model's captured
-    graphs, halves the batch and tries again, and keeps the smaller batch for the evaluations after.
-    (The AA score pairs each input with its batch neighbour, so a smaller batch changes only which
-    pairs are scored.)"""
-
-    def __init__(self, model: nn.Module, batch: int):
-        self.model, self.batch = model, batch
-
-    def __call__(self, evaluate: Callable[[int], Any]) -> Any:
-        while True:
-            try:
-                return evaluate(self.batch)
-            except torch.OutOfMemoryError:
-                if self.batch == 1:
-                    raise
-                for module in self.model.modules():
-                    if hasattr(module, "release_graphs"):
-                        module.release_graphs()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.batch //= 2
-                warnings.warn(f"out of GPU memory in evaluation; trying again with batches of {self.batch}",
-                              RuntimeWarning, stacklevel=2)
 
 
 def evaluate_model(model, train_set: TaskSet, tests: dict[int, TaskSet], cfg: dict, config: dict, device) -> dict:
