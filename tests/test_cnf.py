@@ -128,3 +128,28 @@ def test_toy_data():
     assert toy_log_density("moons", torch.zeros(1, 2)) is None
     with pytest.raises(ValueError, match="Unknown toy dataset"):
         toy_data("rings", 4)
+
+
+def test_parallel_solves_reuse_one_dynamics_object_per_trace(monkeypatch):
+    """The parallel solve is handed the same augmented field on every call (per trace), so its CUDA graphs,
+    cached on that object with ``graph=True``, are reused; the cache adds no parameters to the model."""
+    from implicit.ode import cnf as cnf_module
+
+    seen = []
+    real = cnf_module.odeint_parallel
+
+    def recording(dyn, *args, **kwargs):
+        seen.append(dyn)
+        return real(dyn, *args, **kwargs)
+
+    monkeypatch.setattr(cnf_module, "odeint_parallel", recording)
+    cnf = small_cnf(steps=8, trace="exact")
+    keys = set(cnf.state_dict())
+    x = toy_data("moons", 4, dtype=torch.float64)
+    with torch.no_grad():
+        for trace in ("exact", "exact", "hutchinson", "exact"):
+            cnf.integrate(x, reverse=True, mode="parallel", trace=trace)
+    assert seen[0] is seen[1] is seen[3] and seen[2] is not seen[0] and seen[2].trace == "hutchinson"
+    assert set(cnf.state_dict()) == keys
+    cnf.field = MLPField(2, 16, 2, time=True).double()  # a new field gets a new dynamics object
+    assert cnf.dynamics().field is cnf.field

@@ -89,9 +89,16 @@ class CNF(nn.Module):
         self.field = field if field is not None else MLPField(dim, width, depth, time=True)
         self.solver, self.tol, self.solver_options = solver, tol, dict(solver_options or {})
         self.last_result = None
+        self._dynamics: dict[str, AugmentedDynamics] = {}  # plain dict: not a submodule, no duplicate parameters
 
     def dynamics(self, trace: str | None = None) -> AugmentedDynamics:
-        return AugmentedDynamics(self.field, self.dim, trace or self.trace)
+        """The augmented field, one object per trace kept across calls, so a ``graph=True`` solve reuses the
+        CUDA graphs it cached on it (a new object per call would capture them again every time)."""
+        trace = trace or self.trace
+        cached = self._dynamics.get(trace)
+        if cached is None or cached.field is not self.field:
+            cached = self._dynamics[trace] = AugmentedDynamics(self.field, self.dim, trace)
+        return cached
 
     def probe(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A Hutchinson probe ``eps`` shaped like ``like`` (zero mean, identity covariance)."""
