@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+from fno_deq import _subset  # noqa: E402  (the sibling experiment script's --models parser)
 
 VARIANTS = {
     "fno++": ("darcy-fno++-d4.toml", {}),
@@ -48,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from implicit.results import write_results
     from pde.train import load_config, train
 
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or not names:
-        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    names = list(_subset(VARIANTS, args.variants, "--variants"))
     out = Path(args.out)
     small = dict(data="darcy-quick", width=8, modes=4, max_iter=6, eval_max_iter=6, batch_size=16,
                  pretrain_steps=4, device="cpu") if args.small else {}

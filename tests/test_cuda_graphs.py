@@ -136,19 +136,35 @@ def test_fno_deq_training_step_with_a_graphed_solve_matches_eager():
         torch.testing.assert_close(graphed(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+def _maze_deq(graph: bool = True):
+    """A small maze DEQ of the path-independence study, seeded, on the GPU."""
+    from implicit.studies.models import build_model
+
+    torch.manual_seed(0)
+    spec = {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4}
+    return build_model("maze", dict(spec, solver_options={"graph": True} if graph else None)).cuda()
+
+
+def _solve_fixed_budget(net, x, iters: int = 12):
+    """One no-grad solve of ``net`` on mazes ``x`` with a fixed budget (non-convergence is by design)."""
+    import warnings
+
+    from implicit.solvers import NonConvergenceWarning
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        e = net.encoder(x)
+        net.solve(e, torch.zeros_like(e), iters)
+
+
 @pytest.mark.filterwarnings("ignore::implicit.solvers.NonConvergenceWarning")  # budgets of 6 and 12 by design
 def test_study_deq_with_graphed_solves_matches_eager():
     """A maze DEQ of the path-independence study with ``solver_options = {graph = true}``: its training
     solves and gradients match the eager model's, across budgets and a batch of another size (an
     epoch's last), and back to the first size (whose captured graphs it reuses)."""
     from implicit.studies.mazes import make_mazes
-    from implicit.studies.models import build_model
 
-    spec = {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4}
-    nets = []
-    for graph in (False, True):
-        torch.manual_seed(0)
-        nets.append(build_model("maze", dict(spec, solver_options={"graph": True} if graph else None)).cuda())
+    nets = [_maze_deq(graph) for graph in (False, True)]
     x = make_mazes(8, 5, seed=0).x.cuda()
     for batch in (x, x[:3], x):
         for iters in (6, 12):
@@ -209,30 +225,18 @@ def test_release_graphs_frees_the_captured_loops_and_their_memory():
     """``DEQ.release_graphs`` (what the study's evaluation calls when out of GPU memory) drops the static
     inputs of graphed solves, and with them the cached solver loops, their CUDA graphs and memory."""
     import gc
-    import warnings
 
-    from implicit.solvers import NonConvergenceWarning
     from implicit.solvers._loop import _LOOP_CACHE
     from implicit.studies.mazes import make_mazes
-    from implicit.studies.models import build_model
 
-    torch.manual_seed(0)
-    net = build_model("maze", {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4,
-                               "solver_options": {"graph": True}}).cuda().eval()
+    net = _maze_deq().eval()
     x = make_mazes(64, 9, seed=0).x.cuda()
-
-    def solve():
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", NonConvergenceWarning)  # a fixed budget of 12, by design
-            e = net.encoder(x)
-            net.solve(e, torch.zeros_like(e), 12)
-
     gc.collect()
     loops = len(_LOOP_CACHE)
-    solve()  # the first capture also sets up per-stream library workspaces, which stay
+    _solve_fixed_budget(net, x)  # the first capture also sets up per-stream library workspaces, which stay
     net.deq.release_graphs()
     base = torch.cuda.memory_allocated()
-    solve()
+    _solve_fixed_budget(net, x)
     held = torch.cuda.memory_allocated()
     assert len(_LOOP_CACHE) > loops and held > base
     net.deq.release_graphs()
@@ -244,27 +248,19 @@ def test_deleting_a_graphed_deq_frees_its_captured_loops_at_once():
     """A DEQ's static-input functions refer to its layer, not to the DEQ, so dropping the model frees its
     cached solver loops and CUDA graphs by reference counting (a cycle would wait for the collector)."""
     import gc
-    import warnings
 
-    from implicit.solvers import NonConvergenceWarning
     from implicit.solvers._loop import _LOOP_CACHE
     from implicit.studies.mazes import make_mazes
-    from implicit.studies.models import build_model
 
     gc.collect()
     loops = len(_LOOP_CACHE)
-    torch.manual_seed(0)
-    net = build_model("maze", {"kind": "deq", "width": 16, "budget": [4, 12], "norm": True, "tol": 1e-4,
-                               "solver_options": {"graph": True}}).cuda().eval()
+    net = _maze_deq().eval()
     x = make_mazes(16, 9, seed=0).x.cuda()
     gc.disable()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", NonConvergenceWarning)  # a fixed budget of 12, by design
-            e = net.encoder(x)
-            net.solve(e, torch.zeros_like(e), 12)
+        _solve_fixed_budget(net, x)
         assert len(_LOOP_CACHE) > loops
-        del net, e
+        del net
         assert len(_LOOP_CACHE) == loops
     finally:
         gc.enable()
