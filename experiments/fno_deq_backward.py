@@ -1,18 +1,24 @@
-"""FNO-DEQ's gradient on Darcy: the paper's phantom gradient vs exact implicit (IFT) and a longer phantom,
-against FNO++ depth 4 in the same process (writes fno_deq_darcy_backward[_EPOCHS].json).
+"""FNO-DEQ against FNO++ depth 4 on Darcy, trained in the same process, under variations of the paper's
+settings: the FNO-DEQ gradient, and the data normaliser and spectral bias (writes
+fno_deq_darcy_<TAG>[_EPOCHS].json; TAG "backward" by default).
 
 Every run trains one of the paper's Darcy configs (experiments/configs/darcy-*.toml) on darcy-85 for
-``--epochs`` (cosine schedule over those epochs), one after the other on one device; only the FNO-DEQ
-backward differs between the FNO-DEQ runs:
+``--epochs`` (cosine schedule over those epochs), one after the other on one device. FNO-DEQ's gradient:
 
 - ``phantom-1``: the paper's (damping 0.5, 1 step);
 - ``phantom-3``: damping 0.8, 3 steps (the paper's Navier-Stokes setting);
 - ``ift``: exact implicit gradient, the adjoint solved by Anderson to ``--ift-tol`` (relative).
 
-The question: does a better gradient close FNO-DEQ's gap to FNO++ at equal epochs?
+A suffix changes the settings of both models: ``-pointwise`` normalises per grid point (the paper's
+``UnitGaussianNormalizer``), ``-paper`` also drops the spectral convolutions' bias (the paper's has none).
+Each FNO-DEQ run's ratio is to the FNO++ run with the same suffix.
+
+The question: which of these closes FNO-DEQ's gap to FNO++ at equal epochs?
 
     python experiments/fno_deq_backward.py --out DIR --epochs 16                      # GPU, ~6 min on an H100
     python experiments/fno_deq_backward.py --out DIR --epochs 64 --variants fno++,ift  # GPU, ~8 min
+    python experiments/fno_deq_backward.py --out DIR --epochs 16 --tag paper_match \
+        --variants fno++,phantom-1,fno++-pointwise,phantom-1-pointwise,fno++-paper,phantom-1-paper
     python experiments/fno_deq_backward.py --small --out /tmp/b                       # CPU smoke run
 """
 
@@ -29,12 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import _subset  # noqa: E402  (the sibling experiment script's --models parser)
 
-VARIANTS = {
-    "fno++": ("darcy-fno++-d4.toml", {}),
-    "phantom-1": ("darcy-fno-deq.toml", {}),
-    "phantom-3": ("darcy-fno-deq.toml", {"backward_steps": 3, "backward_damping": 0.8}),
-    "ift": ("darcy-fno-deq.toml", {"backward": "ift"}),
-}
+GRADIENTS = {"phantom-1": {}, "phantom-3": {"backward_steps": 3, "backward_damping": 0.8}, "ift": {"backward": "ift"}}
+SETTINGS = {"": {}, "-pointwise": {"normalizer": "pointwise"},
+            "-paper": {"normalizer": "pointwise", "spectral_bias": False}}
+VARIANTS: dict[str, tuple[str, dict]] = {}  # name -> (config file, overrides)
+for _suffix, _setting in SETTINGS.items():
+    VARIANTS[f"fno++{_suffix}"] = ("darcy-fno++-d4.toml", dict(_setting))
+    for _g, _grad in GRADIENTS.items():
+        VARIANTS[f"{_g}{_suffix}"] = ("darcy-fno-deq.toml", {**_grad, **_setting})
+
+
+def _baseline(name: str) -> str:
+    """The FNO++ run an FNO-DEQ variant is compared with: the one with the same settings suffix."""
+    return "fno++" + next(suffix for suffix in sorted(SETTINGS, key=len, reverse=True) if name.endswith(suffix))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--ift-tol", type=float, default=1e-4, help="relative tolerance of the IFT adjoint solve")
+    p.add_argument("--tag", default="backward", help="results file fno_deq_darcy_TAG[_EPOCHSep].json")
     p.add_argument("--small", action="store_true", help="toy data and model on the CPU")
     args = p.parse_args(argv)
     from implicit.results import write_results
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name in names:
         config_file, extra = VARIANTS[name]
-        extra = dict(extra, backward_tol=args.ift_tol) if name == "ift" else extra
+        extra = dict(extra, backward_tol=args.ift_tol) if extra.get("backward") == "ift" else extra
         # the solver settings (here and in `small`) are FNO-DEQ's: the FNO++ config ignores them
         cfg = load_config(None, ROOT / "experiments" / "configs" / config_file, epochs=args.epochs, seed=args.seed,
                           solver_graph=True, plot=False, out=str(out / "runs" / name), **extra, **small)
@@ -71,15 +85,17 @@ def main(argv: list[str] | None = None) -> int:
                       "peak_memory_bytes": summary.get("peak_memory_bytes")}
         print(f"{name}: test rel L2 {runs[name]['test_rel_l2']:.5f}, last epoch {times[-1]:.1f} s", flush=True)
     metrics: dict = {"runs": runs}
-    if "fno++" in runs:
-        metrics["ratio_to_fno++"] = {n: r["test_rel_l2"] / runs["fno++"]["test_rel_l2"]
-                                     for n, r in runs.items() if n != "fno++"}
-    config = {"epochs": args.epochs, "seed": args.seed, "variants": names, "ift_tol": args.ift_tol,
+    ratios = {n: r["test_rel_l2"] / runs[_baseline(n)]["test_rel_l2"]
+              for n, r in runs.items() if not n.startswith("fno++") and _baseline(n) in runs}
+    if ratios:
+        metrics["ratio_to_fno++"] = ratios  # each to the FNO++ run with the same settings suffix
+    config = {"epochs": args.epochs, "seed": args.seed, "variants": {n: VARIANTS[n] for n in names},
+              "ift_tol": args.ift_tol,
               "small": args.small, "data": "darcy-85 (1024 train / 500 test at 85x85)",
               "protocol": "REDUCED: one seed, --epochs (paper: 500, 3 seeds); runs one after the other in one "
                           "process on one device; FNO-DEQ forward solve replayed as a CUDA graph; epoch time "
                           "excludes test evaluation"}
-    name = "fno_deq_darcy_backward" + ("_small" if args.small else f"_{args.epochs}ep") + (
+    name = f"fno_deq_darcy_{args.tag}" + ("_small" if args.small else f"_{args.epochs}ep") + (
         f"_seed{args.seed}" if args.seed else "")
     path = write_results(name, config=config, metrics=metrics,
                          device=torch.device("cpu") if args.small else None, wall_clock_s=time.time() - t0,

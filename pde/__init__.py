@@ -6,6 +6,8 @@ that generate data (GPU when present) on the shared backend in
 from the TOML recipes under ``data/``.
 """
 
-from .datasets import ChannelNormalizer, PDEDataset, generate, generate_split, load_recipe, open_file
+from .datasets import (ChannelNormalizer, PDEDataset, PointwiseNormalizer, generate, generate_split, load_recipe,
+                       open_file)
 
-__all__ = ["ChannelNormalizer", "PDEDataset", "generate", "generate_split", "load_recipe", "open_file"]
+__all__ = ["ChannelNormalizer", "PointwiseNormalizer", "PDEDataset", "generate", "generate_split", "load_recipe",
+           "open_file"]

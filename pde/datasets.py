@@ -38,7 +38,8 @@ from . import darcy, navier_stokes
 
 __all__ = [
     "GENERATORS", "load_recipe", "check_recipe", "resolve_recipe", "split_path", "generate_split",
-    "generate", "open_file", "show", "ChannelNormalizer", "PDEDataset", "package_version", "REPO_ROOT",
+    "generate", "open_file", "show", "ChannelNormalizer", "PointwiseNormalizer", "fit_normalizer", "normalizer_like",
+    "PDEDataset", "package_version", "REPO_ROOT",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -396,6 +397,65 @@ class ChannelNormalizer(torch.nn.Module):
     def decode(self, x: Tensor) -> Tensor:
         """Inverse of :meth:`encode`."""
         return x * (self._b(self.std, x) + self.eps) + self._b(self.mean, x)
+
+
+class PointwiseNormalizer(torch.nn.Module):
+    """Gaussian normalisation per channel and grid point, ``(x - mean[c, i, j]) / (std[c, i, j] + eps)``:
+    the FNO papers' ``UnitGaussianNormalizer`` (eps 1e-5), which the FNO-DEQ paper uses on Darcy.
+
+    Where every training target has the same value (a Dirichlet boundary) the std is zero, so decoded
+    outputs take that value exactly. On another grid (zero-shot transfer) the statistics are interpolated
+    bilinearly, treating both grids as spanning the same domain end to end."""
+
+    def __init__(self, channels: int, shape: Sequence[int], eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels, *shape))
+        self.register_buffer("std", torch.ones(channels, *shape))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> "PointwiseNormalizer":
+        """Statistics of ``x`` ``(N, C, s, s)`` over the samples."""
+        if x.shape[1:] != self.mean.shape:
+            raise ValueError(f"expected samples of shape {tuple(self.mean.shape)}, got {tuple(x.shape[1:])}")
+        self.mean.copy_(x.double().mean(dim=0).to(self.mean))
+        self.std.copy_(x.double().std(dim=0).to(self.std))
+        return self
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, std = self.mean.to(x), self.std.to(x)
+        if x.shape[-2:] != mean.shape[-2:]:
+            resize = lambda v: torch.nn.functional.interpolate(  # noqa: E731
+                v[None], size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
+            mean, std = resize(mean), resize(std)
+        return mean, std
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Normalised ``x`` (``(N, C, s, s)`` or ``(C, s, s)``)."""
+        mean, std = self._stats(x)
+        return (x - mean) / (std + self.eps)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`encode`."""
+        mean, std = self._stats(x)
+        return x * (std + self.eps) + mean
+
+
+NORMALIZERS = ("channel", "pointwise")
+
+
+def fit_normalizer(kind: str, x: Tensor) -> ChannelNormalizer | PointwiseNormalizer:
+    """A normaliser of ``kind`` (``"channel"`` or ``"pointwise"``) fitted on ``x`` ``(N, C, s, s)``."""
+    if kind == "channel":
+        return ChannelNormalizer(x.shape[1]).fit(x)
+    if kind == "pointwise":
+        return PointwiseNormalizer(x.shape[1], x.shape[2:]).fit(x)
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {kind!r}")
+
+
+def normalizer_like(mean: Tensor) -> ChannelNormalizer | PointwiseNormalizer:
+    """An unfitted normaliser whose buffers have the shape of a saved ``mean`` (to load a state_dict into)."""
+    return ChannelNormalizer(mean.numel()) if mean.dim() == 1 else PointwiseNormalizer(mean.shape[0], mean.shape[1:])
 
 
 class PDEDataset(torch.utils.data.Dataset):

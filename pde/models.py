@@ -171,11 +171,13 @@ class InjectedBlock(nn.Module):
     ``W_i`` a pointwise linear map. ``norm="instance_norm"`` puts instance norms where the paper's
     ``normalize=True`` does (on the incoming state, after ``K_i``, after ``mlp_i``, after ``W_i``); the
     paper turns it on for Navier-Stokes and leaves it off on Darcy (IFNO and FNO++ here follow it; FNO-DEQ
-    does not: instance norm makes the block expansive, see the module docstring). The map ``f(z, inj)``
-    whose fixed point FNO-DEQ finds."""
+    does not: instance norm makes the block expansive, see the module docstring). ``spectral_bias=False``
+    leaves out neuraloperator's per-channel bias of ``K_i`` (the papers' spectral convolution has none; it
+    is redundant with ``mlp_i``'s first bias but starts random). The map ``f(z, inj)`` whose fixed point
+    FNO-DEQ finds."""
 
     def __init__(self, width: int, modes: int, layers: int = 3, norm: str | None = None,
-                 spectral_init: str = "fno"):
+                 spectral_init: str = "fno", spectral_bias: bool = True):
         super().__init__()
         from neuralop.layers.channel_mlp import ChannelMLP
 
@@ -183,7 +185,8 @@ class InjectedBlock(nn.Module):
             raise ValueError(f"spectral_init must be one of {SPECTRAL_INITS}, got {spectral_init!r}")
         conv = _spectral_conv_fp32()
         self.layers = layers
-        self.convs = nn.ModuleList([conv(width, width, (2 * modes, 2 * modes)) for _ in range(layers)])
+        self.convs = nn.ModuleList([conv(width, width, (2 * modes, 2 * modes), bias=spectral_bias)
+                                    for _ in range(layers)])
         self.mlps = nn.ModuleList([ChannelMLP(width, width, hidden_channels=width, n_layers=2)
                                    for _ in range(layers)])
         self.skips = nn.ModuleList([nn.Conv2d(width, width, 1) for _ in range(layers)])
@@ -218,8 +221,9 @@ class InjectedBlock(nn.Module):
 class OutputLayer(InjectedBlock):
     """The paper's output Fourier layer: ``mlp(K z) + W z``, no injection, no activation."""
 
-    def __init__(self, width: int, modes: int, norm: str | None = None, spectral_init: str = "fno"):
-        super().__init__(width, modes, 1, norm, spectral_init)
+    def __init__(self, width: int, modes: int, norm: str | None = None, spectral_init: str = "fno",
+                 spectral_bias: bool = True):
+        super().__init__(width, modes, 1, norm, spectral_init, spectral_bias)
 
     def forward(self, z: Tensor) -> Tensor:  # type: ignore[override]
         return self._n(self.mlps[0](self._n(self.convs[0](z)))) + self._n(self.skips[0](z))
@@ -229,7 +233,8 @@ class _InjectedOperator(NeuralOperator):
     """Shared stem, output layer and projection of FNO++, IFNO and FNO-DEQ."""
 
     def _build(self, in_channels: int, out_channels: int, width: int, modes: int, padding: float,
-               layers_per_block: int, norm: str | None, spectral_init: str = "fno") -> None:
+               layers_per_block: int, norm: str | None, spectral_init: str = "fno",
+               spectral_bias: bool = True) -> None:
         _check_common(in_channels, out_channels, width, modes, padding)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -237,7 +242,7 @@ class _InjectedOperator(NeuralOperator):
 
         self.in_channels, self.out_channels, self.width = in_channels, out_channels, width
         self.stem = _Stem(in_channels, width, padding)
-        self.head = OutputLayer(width, modes, norm, spectral_init)
+        self.head = OutputLayer(width, modes, norm, spectral_init, spectral_bias)
         self.project = ChannelMLP(width, out_channels, hidden_channels=4 * width, n_layers=2)
         self.layers_per_block = layers_per_block
 
@@ -259,12 +264,13 @@ class FNOPlusPlus(_InjectedOperator, name="fno++"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  depth: int = 1, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm", spectral_init: str = "fno"):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True):
         super().__init__()
         if int(depth) != depth or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init)
-        self.blocks = nn.ModuleList([InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
+        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init,
+                    spectral_bias)
+        self.blocks = nn.ModuleList([InjectedBlock(width, modes, layers_per_block, norm, spectral_init, spectral_bias)
                                      for _ in range(depth)])
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
@@ -279,13 +285,14 @@ class IFNO(_InjectedOperator, name="ifno"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  iterations: int = 8, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm", spectral_init: str = "fno"):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True):
         super().__init__()
         if int(iterations) != iterations or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init)
+        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init,
+                    spectral_bias)
         self.iterations = iterations
-        self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
+        self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init, spectral_bias)
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
         z0 = torch.zeros_like(inj) if z0 is None else z0
@@ -309,14 +316,15 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  padding: float = 0.1, layers_per_block: int = 3, norm: str | None = None,
-                 spectral_init: str = "fno", solver: str = "anderson",
+                 spectral_init: str = "fno", spectral_bias: bool = True, solver: str = "anderson",
                  tol: float = 1e-6, max_iter: int = 32, eval_max_iter: int | None = None,
                  solver_options: dict | None = None, backward: str = "ift",
                  backward_options: dict | None = None, pretrain_steps: int = 0, pretrain_iter: int = 8):
         super().__init__()
         from implicit.deq import DEQ
 
-        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init)
+        self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init,
+                    spectral_bias)
         if norm == "instance_norm":
             warnings.warn("FNO-DEQ with norm='instance_norm': per-channel normalisation inside the tied block "
                           "makes it expansive, so the fixed-point solve does not converge (relative residual "
@@ -324,7 +332,7 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
                           "(the default) or 'group_norm'", UserWarning, stacklevel=2)
         if pretrain_steps < 0 or pretrain_iter < 1:
             raise ValueError(f"pretrain_steps must be >= 0 and pretrain_iter >= 1, got {pretrain_steps}, {pretrain_iter}")
-        self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init)
+        self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init, spectral_bias)
         opts = {"m": 5} if solver == "anderson" else {}
         opts.update(solver_options or {})
         bopts = dict(backward_options or {})
@@ -460,7 +468,7 @@ class Operator(nn.Module):
 
 def load_model(checkpoint: str | dict, map_location: str | torch.device = "cpu") -> Operator:
     """Rebuild an :class:`Operator` from a checkpoint written by :mod:`pde.train` (no config needed)."""
-    from .datasets import ChannelNormalizer
+    from .datasets import normalizer_like
 
     ckpt = torch.load(checkpoint, map_location=map_location, weights_only=True) if not isinstance(checkpoint, dict) \
         else checkpoint
@@ -470,8 +478,6 @@ def load_model(checkpoint: str | dict, map_location: str | torch.device = "cpu")
     cfg = dict(ckpt["model_config"])
     net = build_model(cfg.pop("model"), **cfg)
     state = ckpt["model"]
-    xn = ChannelNormalizer(state["x_normalizer.mean"].numel())
-    yn = ChannelNormalizer(state["y_normalizer.mean"].numel())
-    op = Operator(net, xn, yn)
+    op = Operator(net, normalizer_like(state["x_normalizer.mean"]), normalizer_like(state["y_normalizer.mean"]))
     op.load_state_dict(state)
     return op

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from implicit.results import save_torch_atomic
 
-from .datasets import IO_VARIABLES, REPO_ROOT, ChannelNormalizer, PDEDataset, generate_split, load_recipe
+from .datasets import NORMALIZERS, IO_VARIABLES, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
 from .models import Operator, build_model, count_parameters, load_model
 
 __all__ = [
@@ -102,6 +102,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
+    # channel: one mean/std per channel (resolution-free) | pointwise: per channel and grid point, the FNO
+    # papers' UnitGaussianNormalizer (on Darcy it pins the decoded solution to the zero boundary)
+    normalizer: str = "channel"
+    # fno++/ifno/fno-deq: a bias in each spectral convolution (neuraloperator's default; the papers' has none)
+    spectral_bias: bool = True
     noise_level: float = 0.0  # maximum noise variance (paper: 0.001 Darcy, 0.001/0.004 NS)
     noise_on: str = "input"  # input | target
     # multiplies every noise variance. 1 is the paper's protocol: noise of the stated variance on the
@@ -119,7 +124,7 @@ class TrainConfig:
         if self.model not in available_models():
             raise ValueError(f'model must be one of {available_models()}, got "{self.model}"')
         checks = {"scheduler": ("cosine", "step", "constant"), "amp": ("none", "bf16", "fp16"),
-                  "noise_on": ("input", "target"), "loss_reduction": ("mean", "sum"),
+                  "noise_on": ("input", "target"), "loss_reduction": ("mean", "sum"), "normalizer": NORMALIZERS,
                   "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -143,6 +148,8 @@ class TrainConfig:
         kw: dict[str, Any] = dict(in_channels=in_channels, out_channels=out_channels, width=self.width,
                                   modes=self.modes, padding=self.padding,
                                   norm=None if self.norm == "none" else self.norm)
+        if self.model != "fno":
+            kw["spectral_bias"] = self.spectral_bias
         if self.model in ("fno", "fno++"):
             kw["depth"] = self.depth
         elif self.model == "ifno":
@@ -447,8 +454,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             x_raw = add_observation_noise(x_raw, cfg.noise_level, cfg.seed, **kw)
         else:
             y_raw = add_observation_noise(y_raw, cfg.noise_level, cfg.seed, **kw)
-    x_norm = ChannelNormalizer(x_raw.shape[1]).fit(x_raw)
-    y_norm = ChannelNormalizer(y_raw.shape[1]).fit(y_raw)  # fitted on the (noisy) training targets, as the paper
+    x_norm = fit_normalizer(cfg.normalizer, x_raw)
+    y_norm = fit_normalizer(cfg.normalizer, y_raw)  # fitted on the (noisy) training targets, as the paper
     x_train = x_norm.encode(x_raw)
 
     # model, optimiser, schedule

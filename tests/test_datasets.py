@@ -235,3 +235,27 @@ def test_rejected_draws_are_counted_and_skipped(tmp_path, monkeypatch):
     with h5py.File(tmp_path / "fake_train.h5", "r") as f:
         assert list(f["sample"][...]) == [0, 2, 4, 6, 8]
         assert f.attrs["n_rejected"] == 4 and f.attrs["n_drawn"] == 9
+
+
+def test_pointwise_normalizer_round_trips_and_resamples_its_statistics():
+    """Per-point statistics: encode/decode invert each other, the encoded training set has zero mean and unit
+    std at every point, and on a coarser grid of the same domain (every other point) the statistics are
+    those of the fine grid's matching points."""
+    from pde.datasets import PointwiseNormalizer, fit_normalizer, normalizer_like
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 13, 13, generator=g) * torch.linspace(0.5, 3, 13) + torch.linspace(-1, 1, 13)[:, None]
+    n = fit_normalizer("pointwise", x)
+    assert isinstance(n, PointwiseNormalizer)
+    e = n.encode(x)
+    torch.testing.assert_close(e.mean(0), torch.zeros(2, 13, 13), atol=1e-5, rtol=0)
+    torch.testing.assert_close(e.std(0), torch.ones(2, 13, 13), atol=1e-4, rtol=0)
+    torch.testing.assert_close(n.decode(e), x, atol=1e-5, rtol=1e-5)
+    coarse = x[..., ::2, ::2]
+    expected = (coarse - n.mean[..., ::2, ::2]) / (n.std[..., ::2, ::2] + n.eps)
+    torch.testing.assert_close(n.encode(coarse), expected, atol=1e-5, rtol=1e-5)
+    loaded = normalizer_like(n.mean)
+    loaded.load_state_dict(n.state_dict())
+    torch.testing.assert_close(loaded.encode(x), e)
+    with pytest.raises(ValueError, match="shape"):
+        n.fit(torch.randn(4, 2, 7, 7))

@@ -305,11 +305,19 @@ def test_backward_experiment_trains_each_variant_with_its_gradient(tmp_path):
     spec = importlib.util.spec_from_file_location("fno_deq_backward_experiment", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--small", "--epochs", "1", "--variants", "fno++,phantom-1,ift", "--out", str(tmp_path)]) == 0
+    variants = "fno++,phantom-1,ift,fno++-paper,ift-paper"
+    assert mod.main(["--small", "--epochs", "1", "--variants", variants, "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "fno_deq_darcy_backward_small.json").read_text())["metrics"]
     runs = metrics["runs"]
     assert runs["ift"]["overrides"] == {"backward": "ift", "backward_tol": 1e-4}
     assert runs["ift"]["test_rel_l2"] != runs["phantom-1"]["test_rel_l2"]
     assert metrics["ratio_to_fno++"]["ift"] == runs["ift"]["test_rel_l2"] / runs["fno++"]["test_rel_l2"]
+    # the paper-matched settings reach both models, and the ratio is to the FNO++ run with the same settings
+    assert runs["ift-paper"]["overrides"] == {"backward": "ift", "normalizer": "pointwise", "spectral_bias": False,
+                                              "backward_tol": 1e-4}
+    assert runs["fno++-paper"]["parameters"] < runs["fno++"]["parameters"]
+    assert runs["fno++-paper"]["test_rel_l2"] != runs["fno++"]["test_rel_l2"]
+    assert metrics["ratio_to_fno++"]["ift-paper"] == (runs["ift-paper"]["test_rel_l2"]
+                                                      / runs["fno++-paper"]["test_rel_l2"])
     with pytest.raises(SystemExit):
         mod.main(["--small", "--variants", "phantom-9", "--out", str(tmp_path)])

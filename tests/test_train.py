@@ -108,6 +108,47 @@ def test_summed_loss_is_an_option_that_changes_training(darcy, tmp_path):
         _cfg(darcy, tmp_path, loss_reduction="max")
 
 
+def test_pointwise_normalizer_pins_the_boundary_and_survives_the_checkpoint(darcy, tmp_path):
+    """``normalizer="pointwise"`` (the FNO papers'): every Darcy target is zero on the boundary, so the
+    decoded predictions are zero there to the normaliser's eps (the channel normaliser's are not); the
+    checkpoint reloads with per-point statistics, and evaluation at another resolution works."""
+    from pde.models import load_model
+
+    def boundary_max(normalizer):
+        run = tmp_path / normalizer
+        s = train(_cfg(darcy, run, epochs=1, normalizer=normalizer), progress=False, log=lambda m: None)
+        op = load_model(run / "checkpoint.pt")
+        test = darcy.with_name("darcy-t_test.h5")
+        res = evaluate(run / "checkpoint.pt", test, device="cpu")
+        assert res["rel_l2_mean"] == pytest.approx(s["history"][-1]["test_rel_l2"], rel=1e-5)
+        with h5py.File(test, "r") as f:
+            pred = op.predict(torch.as_tensor(f["coefficient"][()])[:, None].float())
+        edge = torch.cat([pred[..., 0, :], pred[..., -1, :], pred[..., :, 0], pred[..., :, -1]], dim=-1)
+        return op, float(edge.abs().max() / pred.abs().max()), res
+
+    op, pinned, _ = boundary_max("pointwise")
+    assert op.y_normalizer.mean.shape == (1, 13, 13) and pinned < 1e-3
+    _, free, _ = boundary_max("channel")
+    assert free > 1e-2, free
+    low = evaluate(tmp_path / "pointwise" / "checkpoint.pt", darcy.with_name("darcy-t_test.h5"), subsample=2,
+                   device="cpu")
+    assert low["resolution"] == 7 and np.isfinite(low["rel_l2_mean"])
+    with pytest.raises(ValueError, match="normalizer"):
+        _cfg(darcy, tmp_path, normalizer="minmax")
+
+
+def test_spectral_bias_option_reaches_the_model(darcy, tmp_path):
+    """``spectral_bias=False`` (the papers' spectral convolution) drops the bias of every K in the block and
+    the output layer, and the checkpoint rebuilds the model without it."""
+    from pde.models import load_model
+
+    s = train(_cfg(darcy, tmp_path / "nb", epochs=1, spectral_bias=False), progress=False, log=lambda m: None)
+    with_bias = train(_cfg(darcy, tmp_path / "b", epochs=1), progress=False, log=lambda m: None)
+    assert with_bias["parameters"] - s["parameters"] == 6 * (3 + 1)  # width 6: three block layers + output layer
+    op = load_model(tmp_path / "nb" / "checkpoint.pt")
+    assert all(c.bias is None for c in list(op.net.block.convs) + list(op.net.head.convs))
+
+
 def test_wrong_variables_or_shapes_fail_clearly(darcy, tmp_path):
     bad = tmp_path / "bad_train.h5"
     with h5py.File(darcy, "r") as src, h5py.File(bad, "w") as dst:
