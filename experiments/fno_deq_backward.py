@@ -38,16 +38,18 @@ from fno_deq import _subset  # noqa: E402  (the sibling experiment script's --mo
 GRADIENTS = {"phantom-1": {}, "phantom-3": {"backward_steps": 3, "backward_damping": 0.8}, "ift": {"backward": "ift"}}
 SETTINGS = {"": {}, "-pointwise": {"normalizer": "pointwise"},
             "-paper": {"normalizer": "pointwise", "spectral_bias": False}}
+BASELINES = {"fno++": "darcy-fno++-d4.toml", "fno-d4": "darcy-fno-d4.toml"}  # FNO: neuraloperator's, no spectral_bias
 VARIANTS: dict[str, tuple[str, dict]] = {}  # name -> (config file, overrides)
 for _suffix, _setting in SETTINGS.items():
-    VARIANTS[f"fno++{_suffix}"] = ("darcy-fno++-d4.toml", dict(_setting))
+    for _b, _config in BASELINES.items():
+        VARIANTS[f"{_b}{_suffix}"] = (_config, dict(_setting))
     for _g, _grad in GRADIENTS.items():
         VARIANTS[f"{_g}{_suffix}"] = ("darcy-fno-deq.toml", {**_grad, **_setting})
 
 
-def _baseline(name: str) -> str:
-    """The FNO++ run an FNO-DEQ variant is compared with: the one with the same settings suffix."""
-    return "fno++" + next(suffix for suffix in sorted(SETTINGS, key=len, reverse=True) if name.endswith(suffix))
+def _baseline(name: str, baseline: str = "fno++") -> str:
+    """The baseline run an FNO-DEQ variant is compared with: the one with the same settings suffix."""
+    return baseline + next(suffix for suffix in sorted(SETTINGS, key=len, reverse=True) if name.endswith(suffix))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                       "peak_memory_bytes": summary.get("peak_memory_bytes")}
         print(f"{name}: test rel L2 {runs[name]['test_rel_l2']:.5f}, last epoch {times[-1]:.1f} s", flush=True)
     metrics: dict = {"runs": runs}
-    ratios = {n: r["test_rel_l2"] / runs[_baseline(n)]["test_rel_l2"]
-              for n, r in runs.items() if not n.startswith("fno++") and _baseline(n) in runs}
-    if ratios:
-        metrics["ratio_to_fno++"] = ratios  # each to the FNO++ run with the same settings suffix
+    deqs = [n for n in runs if not n.startswith(tuple(BASELINES))]
+    for b in BASELINES:  # each FNO-DEQ run to the baseline run with the same settings suffix
+        ratios = {n: runs[n]["test_rel_l2"] / runs[_baseline(n, b)]["test_rel_l2"] for n in deqs if _baseline(n, b) in runs}
+        if ratios:
+            metrics[f"ratio_to_{b}"] = ratios
     config = {"epochs": args.epochs, "seed": args.seed, "eval_every": args.eval_every, "variants": {n: VARIANTS[n] for n in names},
               "ift_tol": args.ift_tol,
               "small": args.small, "data": "darcy-85 (1024 train / 500 test at 85x85)",
