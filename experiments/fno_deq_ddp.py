@@ -6,8 +6,9 @@ of the paper's Darcy FNO-DEQ config (experiments/configs/darcy-fno-deq.toml) on 
 ``N x --per-gpu-batch``; throughput = training samples / the median epoch time after the first epoch
 (the first holds cuDNN autotuning and the allocator's growth; test evaluation is not in the epoch time).
 The runs go one after another, so they never share a GPU. Every sample costs the same work at every
-GPU count: no unrolled warm-up steps and every Anderson solve run to its 32 iterations (``--pretrain-steps``,
-``--tol``: see their help for why).
+GPU count: no unrolled warm-up steps and every Anderson solve, forward and adjoint, run to its 32
+iterations (``--pretrain-steps``, ``--tol``: see their help for why). fno_deq_ddp.json was measured when the
+config used the paper's phantom gradient; it now uses the exact implicit gradient (an adjoint solve per step).
 
     python experiments/fno_deq_ddp.py --out DIR            # >= 2 GPUs; 8 epochs: ~2 minutes on two H200s
     python experiments/fno_deq_ddp.py --small --out /tmp/d  # CPU: gloo, 2 processes, toy sizes (~1 minute)
@@ -41,7 +42,7 @@ def train_command(n: int, a, run: Path) -> list[str]:
                                                  "--nproc_per_node", str(n)]
     args = ["-m", "implicit.cli", "train", "--config", str(a.config), "--data", a.data, "--epochs", str(a.epochs),
             "--batch-size", str(n * a.per_gpu_batch), "--out", str(run), "--overwrite", "--no-plot", "--quiet",
-            "--pretrain-steps", str(a.pretrain_steps), "--tol", str(a.tol)]
+            "--pretrain-steps", str(a.pretrain_steps), "--tol", str(a.tol), "--backward-tol", str(a.tol)]
     if a.small:
         args += ["--device", "cpu", "--width", "8", "--modes", "4", "--max-iter", "4", "--eval-max-iter", "4"]
     return launcher + args
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--per-gpu-batch", type=int, default=32)
     p.add_argument("--tol", type=float, default=1e-30,
-                   help="solver tolerance; the default, never reached, runs every solve to max_iter, so that each "
+                   help="forward and adjoint solver tolerance; the default, never reached, runs every solve to max_iter, so that each "
                         "sample costs the same at every GPU count (with the config's 1e-6 the iteration count "
                         "follows the training trajectory, which differs with the global batch)")
     p.add_argument("--pretrain-steps", type=int, default=0,

@@ -295,21 +295,23 @@ def test_ift_adjoint_tolerance_and_budget_reach_the_backward_solve():
         TrainConfig(model="fno-deq", backward_tol=-1.0)
 
 
-def test_backward_experiment_trains_each_variant_with_its_gradient(tmp_path):
-    """``experiments/fno_deq_backward.py --small``: each FNO-DEQ variant trains with its own backward (so
-    their results differ from the same seed), and the ratios are to the FNO++ run of the same process."""
+def test_darcy_variants_experiment_trains_each_variant_with_its_settings(tmp_path):
+    """``experiments/fno_deq_darcy_variants.py --small``: each FNO-DEQ variant trains with its own backward (so
+    their results differ from the same seed), the settings suffixes and the noise reach the models, and the
+    ratios are to the FNO++ run of the same process with the same settings."""
     import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_backward.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_backward_experiment", path)
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_darcy_variants.py"
+    spec = importlib.util.spec_from_file_location("fno_deq_darcy_variants_experiment", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     variants = "fno++,phantom-1,ift,fno++-paper,ift-paper"
     assert mod.main(["--small", "--epochs", "1", "--variants", variants, "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "fno_deq_darcy_backward_small.json").read_text())["metrics"]
     runs = metrics["runs"]
-    assert runs["ift"]["overrides"] == {"backward": "ift", "backward_tol": 1e-4}
+    assert runs["ift"]["overrides"] == {"backward": "ift", "normalizer": "channel", "spectral_bias": True,
+                                        "backward_tol": 1e-4}
     assert runs["ift"]["test_rel_l2"] != runs["phantom-1"]["test_rel_l2"]
     assert metrics["ratio_to_fno++"]["ift"] == runs["ift"]["test_rel_l2"] / runs["fno++"]["test_rel_l2"]
     # the paper-matched settings reach both models, and the ratio is to the FNO++ run with the same settings
@@ -319,5 +321,11 @@ def test_backward_experiment_trains_each_variant_with_its_gradient(tmp_path):
     assert runs["fno++-paper"]["test_rel_l2"] != runs["fno++"]["test_rel_l2"]
     assert metrics["ratio_to_fno++"]["ift-paper"] == (runs["ift-paper"]["test_rel_l2"]
                                                       / runs["fno++-paper"]["test_rel_l2"])
+    # --noise-on reaches the training data: same seed and model, another result, its own file
+    assert mod.main(["--small", "--epochs", "1", "--variants", "fno++", "--noise-on", "target", "--noise-level", "0.1",
+                     "--out", str(tmp_path)]) == 0
+    noisy = json.loads((tmp_path / "fno_deq_darcy_backward_target_noise_small.json").read_text())
+    assert noisy["config"]["noise"] == {"noise_on": "target", "noise_level": 0.1}
+    assert noisy["metrics"]["runs"]["fno++"]["test_rel_l2"] != runs["fno++"]["test_rel_l2"]
     with pytest.raises(SystemExit):
         mod.main(["--small", "--variants", "phantom-9", "--out", str(tmp_path)])

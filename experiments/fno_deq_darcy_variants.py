@@ -9,17 +9,21 @@ Every run trains one of the paper's Darcy configs (experiments/configs/darcy-*.t
 - ``phantom-3``: damping 0.8, 3 steps (the paper's Navier-Stokes setting);
 - ``ift``: exact implicit gradient, the adjoint solved by Anderson to ``--ift-tol`` (relative).
 
-A suffix changes the settings of both models: ``-pointwise`` normalises per grid point (the paper's
-``UnitGaussianNormalizer``), ``-paper`` also drops the spectral convolutions' bias (the paper's has none).
-Each FNO-DEQ run's ratio is to the FNO++ run with the same suffix.
+The suffix sets both models' data normaliser and spectral bias: none, the package's earlier settings
+(per-channel normaliser, neuraloperator's spectral bias); ``-pointwise``, the paper's per-point normaliser
+(its ``UnitGaussianNormalizer``); ``-paper``, that and no spectral bias (the paper's, and the configs' now).
+Each FNO-DEQ run's ratio is to the FNO++ (and FNO depth 4, ``fno-d4``) run with the same suffix.
 
 The question: which of these closes FNO-DEQ's gap to FNO++ at equal epochs?
 
-    python experiments/fno_deq_backward.py --out DIR --epochs 16                      # GPU, ~6 min on an H100
-    python experiments/fno_deq_backward.py --out DIR --epochs 64 --variants fno++,ift  # GPU, ~8 min
-    python experiments/fno_deq_backward.py --out DIR --epochs 16 --tag paper_match \
-        --variants fno++,phantom-1,fno++-pointwise,phantom-1-pointwise,fno++-paper,phantom-1-paper
-    python experiments/fno_deq_backward.py --small --out /tmp/b                       # CPU smoke run
+    python experiments/fno_deq_darcy_variants.py --out DIR --epochs 16                      # GPU, ~6 min on an H100
+    python experiments/fno_deq_darcy_variants.py --out DIR --epochs 64 --variants fno++,ift  # GPU, ~8 min
+    python experiments/fno_deq_darcy_variants.py --out DIR --epochs 16 --tag paper_match \
+        --variants fno++,phantom-1,fno++-pointwise,phantom-1-pointwise,fno++-paper,phantom-1-paper  # ~6 min
+    python experiments/fno_deq_darcy_variants.py --out DIR --epochs 64 --seed S --eval-every 4 \
+        --tag paper_match --variants fno++-paper,ift-paper                              # ~8 min a seed
+    python experiments/fno_deq_darcy_variants.py ... --noise-on target --noise-level 1e-3  # the paper's noisy data
+    python experiments/fno_deq_darcy_variants.py --small --out /tmp/b                       # CPU smoke run
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import _subset  # noqa: E402  (the sibling experiment script's --models parser)
 
-GRADIENTS = {"phantom-1": {}, "phantom-3": {"backward_steps": 3, "backward_damping": 0.8}, "ift": {"backward": "ift"}}
-SETTINGS = {"": {}, "-pointwise": {"normalizer": "pointwise"},
+# Explicit, so each name means the same runs whatever the config files say.
+GRADIENTS = {"phantom-1": {"backward": "phantom", "backward_steps": 1, "backward_damping": 0.5},
+             "phantom-3": {"backward": "phantom", "backward_steps": 3, "backward_damping": 0.8},
+             "ift": {"backward": "ift"}}
+SETTINGS = {"": {"normalizer": "channel", "spectral_bias": True},
+            "-pointwise": {"normalizer": "pointwise", "spectral_bias": True},
             "-paper": {"normalizer": "pointwise", "spectral_bias": False}}
 BASELINES = {"fno++": "darcy-fno++-d4.toml", "fno-d4": "darcy-fno-d4.toml"}  # FNO: neuraloperator's, no spectral_bias
 VARIANTS: dict[str, tuple[str, dict]] = {}  # name -> (config file, overrides)
@@ -57,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results JSON folder (the runs go to OUT/runs)")
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--variants", default="fno++,phantom-1,phantom-3,ift",
+                   help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--ift-tol", type=float, default=1e-4, help="relative tolerance of the IFT adjoint solve")
     p.add_argument("--eval-every", type=int, default=1, help="test evaluation every k epochs (and after the last)")
+    p.add_argument("--noise-on", choices=["input", "target"], help="every run: the paper's noisy observations")
+    p.add_argument("--noise-level", type=float, default=1e-3, help="with --noise-on: the maximum noise variance")
     p.add_argument("--tag", default="backward", help="results file fno_deq_darcy_TAG[_EPOCHSep].json")
     p.add_argument("--small", action="store_true", help="toy data and model on the CPU")
     args = p.parse_args(argv)
@@ -70,36 +81,41 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     small = dict(data="darcy-quick", width=8, modes=4, max_iter=6, eval_max_iter=6, batch_size=16,
                  pretrain_steps=4, device="cpu") if args.small else {}
+    noise = dict(noise_on=args.noise_on, noise_level=args.noise_level) if args.noise_on else {}
     t0 = time.time()
     runs = {}
     for name in names:
         config_file, extra = VARIANTS[name]
         extra = dict(extra, backward_tol=args.ift_tol) if extra.get("backward") == "ift" else extra
         # the solver settings (here and in `small`) are FNO-DEQ's: the FNO++ config ignores them
-        cfg = load_config(None, ROOT / "experiments" / "configs" / config_file, epochs=args.epochs, seed=args.seed, eval_every=args.eval_every,
-                          solver_graph=True, plot=False, out=str(out / "runs" / name), **extra, **small)
+        cfg = load_config(None, ROOT / "experiments" / "configs" / config_file, epochs=args.epochs, seed=args.seed,
+                          eval_every=args.eval_every, solver_graph=True, plot=False, out=str(out / "runs" / name),
+                          **extra, **noise, **small)
         summary = train(cfg, overwrite=True, progress=False, log=lambda s: None)
         last = summary["history"][-1]
         times = [h["time_s"] for h in summary["history"]]
+        curve = [[h["epoch"], h["test_rel_l2"]] for h in summary["history"] if "test_rel_l2" in h]
         runs[name] = {"config": config_file, "overrides": extra, "parameters": summary["parameters"],
                       "test_rel_l2": last.get("test_rel_l2"), "train_rel_l2": last.get("train_rel_l2"),
-                      "test_rel_l2_curve": [[h["epoch"], h["test_rel_l2"]] for h in summary["history"] if "test_rel_l2" in h],
+                      "test_rel_l2_curve": curve,
                       "epoch_time_s_last": times[-1], "train_time_s": sum(times),
                       "peak_memory_bytes": summary.get("peak_memory_bytes")}
         print(f"{name}: test rel L2 {runs[name]['test_rel_l2']:.5f}, last epoch {times[-1]:.1f} s", flush=True)
     metrics: dict = {"runs": runs}
     deqs = [n for n in runs if not n.startswith(tuple(BASELINES))]
     for b in BASELINES:  # each FNO-DEQ run to the baseline run with the same settings suffix
-        ratios = {n: runs[n]["test_rel_l2"] / runs[_baseline(n, b)]["test_rel_l2"] for n in deqs if _baseline(n, b) in runs}
+        ratios = {n: runs[n]["test_rel_l2"] / runs[_baseline(n, b)]["test_rel_l2"]
+                  for n in deqs if _baseline(n, b) in runs}
         if ratios:
             metrics[f"ratio_to_{b}"] = ratios
-    config = {"epochs": args.epochs, "seed": args.seed, "eval_every": args.eval_every, "variants": {n: VARIANTS[n] for n in names},
-              "ift_tol": args.ift_tol,
-              "small": args.small, "data": "darcy-85 (1024 train / 500 test at 85x85)",
+    config = {"epochs": args.epochs, "seed": args.seed, "eval_every": args.eval_every,
+              "variants": {n: VARIANTS[n] for n in names}, "ift_tol": args.ift_tol, "small": args.small,
+              "noise": noise or "clean training data (test data is always clean)",
+              "data": "darcy-85 (1024 train / 500 test at 85x85)",
               "protocol": "REDUCED: one seed, --epochs (paper: 500, 3 seeds); runs one after the other in one "
                           "process on one device; FNO-DEQ forward solve replayed as a CUDA graph; epoch time "
                           "excludes test evaluation"}
-    name = f"fno_deq_darcy_{args.tag}" + ("_small" if args.small else f"_{args.epochs}ep") + (
+    name = f"fno_deq_darcy_{args.tag}" + (f"_{args.noise_on}_noise" if noise else "") + ("_small" if args.small else f"_{args.epochs}ep") + (
         f"_seed{args.seed}" if args.seed else "")
     path = write_results(name, config=config, metrics=metrics,
                          device=torch.device("cpu") if args.small else None, wall_clock_s=time.time() - t0,
