@@ -30,7 +30,7 @@ from torch import Tensor
 
 from implicit.results import save_torch_atomic
 
-from .datasets import NORMALIZERS, IO_VARIABLES, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
+from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
 from .models import Operator, build_model, count_parameters, load_model
 
 __all__ = [
