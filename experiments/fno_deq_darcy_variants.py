@@ -1,6 +1,6 @@
-"""FNO-DEQ against FNO++ depth 4 on Darcy, trained in the same process, under variations of the paper's
-settings: the FNO-DEQ gradient, and the data normaliser and spectral bias (writes
-fno_deq_darcy_<TAG>[_EPOCHS].json; TAG "backward" by default).
+"""FNO-DEQ against FNO++ (and FNO) at depth 4 on Darcy, trained in the same process, under variations of the
+paper's settings: the FNO-DEQ gradient, the data normaliser and the spectral bias (writes
+fno_deq_darcy_<TAG>[_<NOISE>_noise]_<EPOCHS>ep[_seed<S>].json; TAG "backward" by default).
 
 Every run trains one of the paper's Darcy configs (experiments/configs/darcy-*.toml) on darcy-85 for
 ``--epochs`` (cosine schedule over those epochs), one after the other on one device. FNO-DEQ's gradient:
