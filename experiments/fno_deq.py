@@ -140,8 +140,10 @@ def _subset(available: dict, wanted: str, flag: str) -> dict:
 
 def plan(args) -> list[dict]:
     """Every job: data generation, the memory sweep, one training per (data, setting, model, seed)."""
-    from pde.train import TrainConfig
+    from pde.train import TrainConfig, load_config
 
+    # --paper-match: the Darcy FNO-DEQ config's current normaliser, spectral bias and gradient
+    current = load_config(None, ROOT / "experiments" / "configs" / "darcy-fno-deq.toml")
     out = Path(args.out)
     problems = args.problems.split(",")
     recs = {k: v for k, v in recipes(args).items() if k.split("-")[0] in problems or k in problems}
@@ -171,7 +173,7 @@ def plan(args) -> list[dict]:
         if darcy:
             common.update(lr=1e-3, scheduler="cosine", padding=0.1, norm="none")
             if args.paper_match:
-                common.update(normalizer="pointwise", spectral_bias=False)
+                common.update(normalizer=current.normalizer, spectral_bias=current.spectral_bias)
         else:  # the paper: lr 5e-3 constant, instance norm (normalize=True), periodic data (no padding)
             common.update(lr=5e-3, scheduler="constant", padding=0.0, norm="instance_norm",
                           subsample=1 if args.small else args.ns_subsample)
@@ -180,7 +182,7 @@ def plan(args) -> list[dict]:
         if args.solver_graph and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], solver_graph=True)
         if darcy and args.paper_match and "fno-deq" in models:
-            models["fno-deq"] = dict(models["fno-deq"], backward="ift", backward_tol=1e-4)
+            models["fno-deq"] = dict(models["fno-deq"], backward=current.backward, backward_tol=current.backward_tol)
         for seed in seeds:
             for setting, noise in settings.items():
                 for name, kw in models.items():

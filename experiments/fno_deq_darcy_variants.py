@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
               "protocol": "REDUCED: one seed, --epochs (paper: 500, 3 seeds); runs one after the other in one "
                           "process on one device; FNO-DEQ forward solve replayed as a CUDA graph; epoch time "
                           "excludes test evaluation"}
-    name = f"fno_deq_darcy_{args.tag}" + (f"_{args.noise_on}_noise" if noise else "") + ("_small" if args.small else f"_{args.epochs}ep") + (
-        f"_seed{args.seed}" if args.seed else "")
+    name = (f"fno_deq_darcy_{args.tag}" + (f"_{args.noise_on}_noise" if noise else "")
+            + ("_small" if args.small else f"_{args.epochs}ep") + (f"_seed{args.seed}" if args.seed else ""))
     path = write_results(name, config=config, metrics=metrics,
                          device=torch.device("cpu") if args.small else None, wall_clock_s=time.time() - t0,
                          out_dir=out)

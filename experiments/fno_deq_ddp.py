@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--per-gpu-batch", type=int, default=32)
     p.add_argument("--tol", type=float, default=1e-30,
-                   help="forward and adjoint solver tolerance; the default, never reached, runs every solve to max_iter, so that each "
-                        "sample costs the same at every GPU count (with the config's 1e-6 the iteration count "
-                        "follows the training trajectory, which differs with the global batch)")
+                   help="forward and adjoint solver tolerance; the default, never reached, runs every solve to "
+                        "max_iter, so that each sample costs the same at every GPU count (with the config's 1e-6 "
+                        "the iteration count follows the training trajectory, which differs with the global batch)")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="unrolled warm-up steps (the config's 300 would leave N GPUs, with N times fewer steps per "
                         "epoch, in the cheap warm-up for N times as many epochs: unequal work per epoch)")
