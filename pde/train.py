@@ -565,6 +565,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                                   "lr": opt.param_groups[0]["lr"]}
         if iters:
             record["train_solver_iters"] = sum(iters) / len(iters)
+        if device.type == "cuda":  # so far in this process; a resumed run's peak is the maximum over its history
+            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         if main:
             stats = {}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

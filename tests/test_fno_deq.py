@@ -333,3 +333,35 @@ def test_darcy_variants_experiment_trains_each_variant_with_its_settings(tmp_pat
     assert noisy["metrics"]["runs"]["fno++"]["test_rel_l2"] != runs["fno++"]["test_rel_l2"]
     with pytest.raises(SystemExit):
         mod.main(["--small", "--variants", "phantom-9", "--out", str(tmp_path)])
+
+
+def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path):
+    """``--seed 0,1 --jobs 2``: each run trains in its own process, and the results (a file per seed) equal
+    those of the same runs trained one after the other in this process; a ``--time-budget`` that stops the
+    runs writes no results and exits 3, and ``--resume`` then finishes them."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_darcy_variants.py"
+    spec = importlib.util.spec_from_file_location("fno_deq_darcy_variants_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = ["--small", "--epochs", "1", "--variants", "fno++,ift", "--tag", "t"]
+    sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
+    assert mod.main([*base, "--seed", "0,1", "--out", str(sequential)]) == 0
+    assert mod.main([*base, "--seed", "0,1", "--jobs", "2", "--time-budget", "0", "--out", str(parallel)]) == 3
+    assert not list(parallel.glob("*.json"))
+    assert mod.main([*base, "--seed", "0,1", "--jobs", "2", "--resume", "--out", str(parallel)]) == 0
+    assert (parallel / "logs" / "ift_seed1.log").is_file()
+    for file in ("fno_deq_darcy_t_small.json", "fno_deq_darcy_t_small_seed1.json"):
+        seq = json.loads((sequential / file).read_text())
+        par = json.loads((parallel / file).read_text())
+        assert "2 runs at once" in par["config"]["protocol"]
+        for name in ("fno++", "ift"):
+            assert par["metrics"]["runs"][name]["test_rel_l2"] == pytest.approx(
+                seq["metrics"]["runs"][name]["test_rel_l2"], rel=1e-5)
+    seeds = [json.loads((sequential / f).read_text())["metrics"]["runs"]["ift"]["test_rel_l2"]
+             for f in ("fno_deq_darcy_t_small.json", "fno_deq_darcy_t_small_seed1.json")]
+    assert seeds[0] != seeds[1]
+    with pytest.raises(SystemExit):
+        mod.main([*base, "--seed", "0,x", "--out", str(tmp_path)])
