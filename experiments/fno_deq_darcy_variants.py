@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_budget is not None and args.deadline is None:
         args.deadline = t0 + args.time_budget
     pairs = [(name, seed) for seed in seeds for name in names]
+    continued = args.resume  # the runs may have been trained partly by earlier calls
     if args.jobs > 1 and len(pairs) > 1:
         _train_in_processes(args, pairs)
         args.resume = True  # below, the finished runs are read back from their checkpoints
@@ -190,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                             else "clean training data (test data is always clean)"),
                   "data": "darcy-85 (1024 train / 500 test at 85x85)",
                   "protocol": "REDUCED: --epochs (paper: 500, 3 seeds); "
+                              + ("continued from earlier calls' checkpoints (how many runs shared the device "
+                                 "then is not recorded here); " if continued else "")
                               + (f"up to {concurrent} runs at once, a process each, sharing one device: epoch "
                                  "times are not comparable across runs; " if concurrent > 1 else
                                  "runs one after the other in one process on one device; ")
                               + "FNO-DEQ forward solve replayed as a CUDA graph; epoch time excludes test evaluation"}
+        if continued or concurrent > 1:
+            config["file_level_note"] = ("wall_clock_s and peak_memory_bytes at the file's top level are this "
+                                         "call's process alone; each run's peak is in metrics.runs")
         name = (f"fno_deq_darcy_{args.tag}" + (f"_{args.noise_on}_noise" if args.noise_on else "")
                 + ("_small" if args.small else f"_{args.epochs}ep") + (f"_seed{seed}" if seed else ""))
         path = write_results(name, config=config, metrics=metrics,

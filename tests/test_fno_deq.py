@@ -356,7 +356,8 @@ def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path)
     for file in ("fno_deq_darcy_t_small.json", "fno_deq_darcy_t_small_seed1.json"):
         seq = json.loads((sequential / file).read_text())
         par = json.loads((parallel / file).read_text())
-        assert "2 runs at once" in par["config"]["protocol"]
+        assert "2 runs at once" in par["config"]["protocol"] and "continued" in par["config"]["protocol"]
+        assert "continued" not in seq["config"]["protocol"]
         for name in ("fno++", "ift"):
             assert par["metrics"]["runs"][name]["test_rel_l2"] == pytest.approx(
                 seq["metrics"]["runs"][name]["test_rel_l2"], rel=1e-5)
