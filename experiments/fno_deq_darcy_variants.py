@@ -85,12 +85,14 @@ def _config(args: argparse.Namespace, name: str, seed: int):
                        out=str(Path(args.out) / "runs" / f"{name}_seed{seed}"), **extra, **noise, **small), extra
 
 
-def _train_run(args: argparse.Namespace, name: str, seed: int) -> dict | None:
-    """Train (or, with --resume, continue) one run; its record, or None if the time budget stopped it."""
+def _train_run(args: argparse.Namespace, name: str, seed: int, read_only: bool = False) -> dict | None:
+    """Train (or, with --resume, continue) one run; its record, or None if the time budget stopped it.
+    ``read_only``: train no epoch, only read the run's checkpoint (after other processes trained it)."""
     from pde.train import train
 
     cfg, extra = _config(args, name, seed)
-    summary = train(cfg, overwrite=not args.resume, progress=False, log=lambda s: None, deadline=args.deadline)
+    summary = train(cfg, overwrite=not args.resume, progress=False, log=lambda s: None, deadline=args.deadline,
+                    stop_after=0 if read_only else None)
     if summary["stopped_early"]:
         print(f"{name} seed {seed}: stopped after epoch {summary['epochs_done']}/{args.epochs}", flush=True)
         return None
@@ -166,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         args.deadline = t0 + args.time_budget
     pairs = [(name, seed) for seed in seeds for name in names]
     continued = args.resume  # the runs may have been trained partly by earlier calls
-    if args.jobs > 1 and len(pairs) > 1:
+    in_processes = args.jobs > 1 and len(pairs) > 1
+    if in_processes:
         _train_in_processes(args, pairs)
-        args.resume = True  # below, the finished runs are read back from their checkpoints
+        args.resume = True  # below, the runs are read back from their checkpoints
     complete = True
     for seed in seeds:
-        runs = {name: _train_run(args, name, seed) for name in names}
+        runs = {name: _train_run(args, name, seed, read_only=in_processes) for name in names}
         if any(r is None for r in runs.values()):
             complete = False
             continue

@@ -366,3 +366,10 @@ def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path)
     assert seeds[0] != seeds[1]
     with pytest.raises(SystemExit):
         mod.main([*base, "--seed", "0,x", "--out", str(tmp_path)])
+    # after the processes, the collecting process only reads their checkpoints: it trains no epoch itself
+    import argparse
+
+    args = argparse.Namespace(out=str(tmp_path / "unread"), epochs=1, eval_every=1, ift_tol=1e-4, small=True,
+                              noise_on=None, noise_level=0.0, resume=True, deadline=None)
+    assert mod._train_run(args, "fno++", 0, read_only=True) is None
+    assert not list((tmp_path / "unread").rglob("checkpoint.pt"))
