@@ -25,8 +25,9 @@ The question: which of these closes FNO-DEQ's gap to FNO++ at equal epochs?
     python experiments/fno_deq_darcy_variants.py ... --noise-on target --noise-level 1e-3  # the paper's noisy data
     python experiments/fno_deq_darcy_variants.py --small --out /tmp/b                       # CPU smoke run
 
-Several seeds and ``--jobs N`` train up to N runs at once, each in its own process on the shared device (the
-device's idle time between small kernels is filled; epoch times are then not comparable across runs). With
+Several seeds and ``--jobs N`` train up to N runs at once, each in its own process on the shared device, so
+that runs which leave it idle (the FNO baselines) overlap with others; FNO-DEQ runs already fill an H100 (two at
+once, target noise, took 15.3 s an epoch each, against 7.2-7.9 s alone), and epoch times are not comparable across runs. With
 ``--time-budget S`` the runs stop at an epoch boundary before S seconds and the script exits with code 3
 without results; the same command with ``--resume`` continues them from their checkpoints under OUT/runs:
 
@@ -70,8 +71,9 @@ def _baseline(name: str, baseline: str = "fno++") -> str:
     return baseline + next(suffix for suffix in sorted(SETTINGS, key=len, reverse=True) if name.endswith(suffix))
 
 
-def _config(args: argparse.Namespace, name: str, seed: int):
-    """The TrainConfig of one run: variant ``name`` with ``seed``, in its own folder under OUT/runs."""
+def _config(args: argparse.Namespace, name: str, seed: int) -> tuple:
+    """The TrainConfig of one run (variant ``name`` with ``seed``, in its own folder under OUT/runs) and the
+    variant's overrides."""
     from pde.train import load_config
 
     config_file, extra = VARIANTS[name]
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                   "noise": ({"noise_on": args.noise_on, "noise_level": args.noise_level} if args.noise_on
                             else "clean training data (test data is always clean)"),
                   "data": "darcy-85 (1024 train / 500 test at 85x85)",
-                  "protocol": "REDUCED: --epochs (paper: 500, 3 seeds); "
+                  "protocol": f"REDUCED: {args.epochs} epochs (paper: 500, 3 seeds); "
                               + ("continued from earlier calls' checkpoints (how many runs shared the device "
                                  "then is not recorded here); " if continued else "")
                               + (f"up to {concurrent} runs at once, a process each, sharing one device: epoch "
