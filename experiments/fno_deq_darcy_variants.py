@@ -26,10 +26,11 @@ The question: which of these closes FNO-DEQ's gap to FNO++ at equal epochs?
     python experiments/fno_deq_darcy_variants.py --small --out /tmp/b                       # CPU smoke run
 
 Several seeds and ``--jobs N`` train up to N runs at once, each in its own process on the shared device, so
-that runs which leave it idle (the FNO baselines) overlap with others; FNO-DEQ runs already fill an H100 (two at
-once, target noise, took 15.3 s an epoch each, against 7.2-7.9 s alone), and epoch times are not comparable across runs. With
-``--time-budget S`` the runs stop at an epoch boundary before S seconds and the script exits with code 3
-without results; the same command with ``--resume`` continues them from their checkpoints under OUT/runs:
+that runs which leave it idle (the FNO baselines) overlap with others; FNO-DEQ runs already fill an H100 (two
+at once, target noise, took 15.3 s an epoch each, against 7.2-7.9 s alone), and epoch times are not comparable
+across runs. With ``--time-budget S`` the runs stop at an epoch boundary before S seconds and the script exits
+with code 3 without results; the same command with ``--resume`` continues them from their checkpoints under
+OUT/runs:
 
     python experiments/fno_deq_darcy_variants.py --out DIR --epochs 64 --seed 0,1,2 --jobs 9 --time-budget 540 \
         --eval-every 8 --tag paper_match --noise-on target --variants fno++-paper,fno-d4-paper,ift-paper [--resume]
