@@ -38,7 +38,7 @@ _FLAGS = {
     "--padding": ("padding", float, "domain padding, fraction of the grid (0 for periodic data)"),
     "--norm": ("norm", str, 'normalisation in the Fourier layers: instance_norm | group_norm | none'),
     "--spectral-bias": ("spectral_bias", _flag_bool,
-                        "fno++/ifno/fno-deq: a bias in each spectral convolution (true | false; papers: false)"),
+                        "a bias in each spectral convolution (true | false; papers: false)"),
     "--solver": ("solver", str, "fno-deq forward solver: anderson | broyden | picard"),
     "--tol": ("tol", float, "fno-deq solver tolerance (relative residual)"),
     "--max-iter": ("max_iter", int, "fno-deq solver iterations in training"),

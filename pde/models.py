@@ -136,12 +136,17 @@ class _Stem(nn.Module):
         return v[..., : v.shape[-2] - p, : v.shape[-1] - p] if p else v
 
 
-def _spectral_conv_fp32():
+def _spectral_conv_fp32(bias: bool = True):
     """neuraloperator's ``SpectralConv`` that runs in float32 under autocast (FFTs in bf16/fp16 are
-    unsupported or need power-of-two sizes), so mixed precision speeds up only the pointwise layers."""
+    unsupported or need power-of-two sizes), so mixed precision speeds up only the pointwise layers.
+    ``bias``: its default for the ``bias`` argument (neuraloperator's FNO passes none of its own)."""
     from neuralop.layers.spectral_convolution import SpectralConv
 
     class SpectralConvFP32(SpectralConv):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs.setdefault("bias", bias)
+            super().__init__(*args, **kwargs)
+
         def forward(self, x: Tensor, output_shape: Any = None) -> Tensor:
             if torch.is_autocast_enabled(x.device.type):
                 with torch.autocast(x.device.type, enabled=False):
@@ -385,11 +390,13 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
 
 
 class FNO(NeuralOperator, name="fno"):
-    """neuraloperator's FNO with ``3 * depth + 1`` Fourier layers (the paper's FNO at depth ``depth``)."""
+    """neuraloperator's FNO with ``3 * depth + 1`` Fourier layers (the paper's FNO at depth ``depth``).
+    ``spectral_bias=False`` drops the bias neuraloperator adds to each spectral convolution (the paper's has
+    none)."""
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  depth: int = 1, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm", spectral_init: str = "fno"):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True):
         super().__init__()
         _check_common(in_channels, out_channels, width, modes, padding)
         if spectral_init not in SPECTRAL_INITS:
@@ -401,7 +408,8 @@ class FNO(NeuralOperator, name="fno"):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.net = _FNO(n_modes=(2 * modes, 2 * modes), in_channels=in_channels, out_channels=out_channels,
                         hidden_channels=width, n_layers=layers_per_block * depth + 1, norm=norm,
-                        use_channel_mlp=True, positional_embedding="grid", conv_module=_spectral_conv_fp32(),
+                        use_channel_mlp=True, positional_embedding="grid",
+                        conv_module=_spectral_conv_fp32(spectral_bias),
                         domain_padding=padding if padding > 0 else None)
         if spectral_init == "fno":
             for conv in self.net.fno_blocks.convs:

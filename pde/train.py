@@ -105,7 +105,7 @@ class TrainConfig:
     # channel: one mean/std per channel (resolution-free) | pointwise: per channel and grid point, the FNO
     # papers' UnitGaussianNormalizer (on Darcy it pins the decoded solution to the zero boundary)
     normalizer: str = "channel"
-    # fno++/ifno/fno-deq: a bias in each spectral convolution (neuraloperator's default; the papers' has none)
+    # a bias in each spectral convolution (neuraloperator's default; the papers' has none)
     spectral_bias: bool = True
     noise_level: float = 0.0  # maximum noise variance (paper: 0.001 Darcy, 0.001/0.004 NS)
     noise_on: str = "input"  # input | target
@@ -147,9 +147,7 @@ class TrainConfig:
         """Constructor kwargs of the chosen model (only those it takes)."""
         kw: dict[str, Any] = dict(in_channels=in_channels, out_channels=out_channels, width=self.width,
                                   modes=self.modes, padding=self.padding,
-                                  norm=None if self.norm == "none" else self.norm)
-        if self.model != "fno":
-            kw["spectral_bias"] = self.spectral_bias
+                                  norm=None if self.norm == "none" else self.norm, spectral_bias=self.spectral_bias)
         if self.model in ("fno", "fno++"):
             kw["depth"] = self.depth
         elif self.model == "ifno":

@@ -147,6 +147,14 @@ def test_spectral_bias_option_reaches_the_model(darcy, tmp_path):
     assert with_bias["parameters"] - s["parameters"] == 6 * (3 + 1)  # width 6: three block layers + output layer
     op = load_model(tmp_path / "nb" / "checkpoint.pt")
     assert all(c.bias is None for c in list(op.net.block.convs) + list(op.net.head.convs))
+    # neuraloperator's FNO too: depth 1 has 3 + 1 Fourier layers
+    fno = train(_cfg(darcy, tmp_path / "fno", model="fno", depth=1, epochs=1, spectral_bias=False), progress=False,
+                log=lambda m: None)
+    fno_bias = train(_cfg(darcy, tmp_path / "fno_b", model="fno", depth=1, epochs=1), progress=False,
+                     log=lambda m: None)
+    assert fno_bias["parameters"] - fno["parameters"] == 6 * (3 + 1)
+    op = load_model(tmp_path / "fno" / "checkpoint.pt")
+    assert all(c.bias is None for c in op.net.net.fno_blocks.convs)
 
 
 def test_wrong_variables_or_shapes_fail_clearly(darcy, tmp_path):
