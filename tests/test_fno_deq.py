@@ -373,3 +373,45 @@ def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path)
                               noise_on=None, noise_level=0.0, resume=True, deadline=None)
     assert mod._train_run(args, "fno++", 0, read_only=True) is None
     assert not list((tmp_path / "unread").rglob("checkpoint.pt"))
+
+
+def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
+    """``experiments/fno_deq_darcy_summary.py``: per setting and model the seeds' mean and std, FNO-DEQ's
+    ratios to the baselines of the means and per seed, FNO runs that kept the spectral bias under their own
+    name, other epoch counts left out, and a run recorded twice is an error."""
+    import importlib.util
+    import json
+    import statistics
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_darcy_summary.py"
+    spec = importlib.util.spec_from_file_location("fno_deq_darcy_summary_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(name, seed, runs, noise=None, epochs=64, **extra):
+        config = {"epochs": epochs, "seed": seed, "noise": noise or "clean training data", **extra}
+        metrics = {"runs": {k: {"test_rel_l2": v, "test_rel_l2_curve": [[1, 2 * v], [epochs, v]]}
+                            for k, v in runs.items()}}
+        (tmp_path / f"fno_deq_darcy_paper_match_{name}.json").write_text(json.dumps({"config": config,
+                                                                                     "metrics": metrics}))
+
+    write("64ep", 0, {"fno++-paper": 0.010, "ift-paper": 0.009})
+    write("64ep_seed1", 1, {"fno++-paper": 0.012, "ift-paper": 0.013})
+    write("16ep", 0, {"fno++-paper": 0.5, "ift-paper": 0.5}, epochs=16)
+    write("target_noise_64ep", 0, {"fno-d4-paper": 0.05, "ift-paper": 0.04},
+          noise={"noise_on": "target", "noise_level": 1e-3}, fno_d4_note="kept the bias")
+    assert mod.main(["--results", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "fno_deq_darcy_paper_match_summary.json").read_text())["metrics"]
+    assert set(out) == {"clean", "target noise"}
+    deq = out["clean"]["ift-paper"]
+    assert deq["test_rel_l2"] == [0.009, 0.013] and deq["mean"] == pytest.approx(0.011)
+    assert deq["std"] == pytest.approx(statistics.stdev([0.009, 0.013]))
+    assert deq["ratio_of_means_to_fno++-paper"] == pytest.approx(0.011 / 0.011)
+    assert deq["ratio_per_seed_to_fno++-paper"] == {"0": pytest.approx(0.9), "1": pytest.approx(13 / 12)}
+    target = out["target noise"]
+    assert "fno-d4-paper" not in target and target["fno-d4-pointwise"]["std"] is None
+    assert target["ift-paper"]["ratio_of_means_to_fno-d4-pointwise"] == pytest.approx(0.8)
+    assert (tmp_path / "fno_deq_darcy_paper_match_summary.png").stat().st_size > 0
+    write("64ep_again", 1, {"fno++-paper": 0.011})
+    with pytest.raises(ValueError, match="seed 1"):
+        mod.main(["--results", str(tmp_path)])

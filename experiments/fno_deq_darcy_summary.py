@@ -1,0 +1,146 @@
+"""Darcy with the current configs: FNO, FNO++ and FNO-DEQ over seeds, clean and noisy, from the runs'
+results files (``fno_deq_darcy_paper_match_*.json`` at ``--epochs``; written by fno_deq_darcy_variants.py).
+
+Writes fno_deq_darcy_paper_match_summary.json (test relative L2 per training setting and model: each
+seed's value, mean and std, and FNO-DEQ's ratios to the baselines) and a PNG beside it: bars of the means
+with each seed as a dot, and the test-error curves of the first seed. CPU, seconds:
+
+    python experiments/fno_deq_darcy_summary.py [--results experiments/results] [--epochs 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+PREFIX = "fno_deq_darcy_paper_match_"
+# run name -> label; the Darcy configs' current settings only (the "-paper" suffix: pointwise normaliser, no
+# spectral bias; FNO-DEQ with the exact gradient). FNO runs that kept the spectral bias count as "-pointwise".
+MODELS = {"fno-d4-paper": "FNO d4", "fno-d4-pointwise": "FNO d4 (spectral bias)", "fno++-paper": "FNO++ d4",
+          "ift-paper": "FNO-DEQ"}
+SETTINGS = ("clean", "input noise", "target noise")
+DEQ, BASELINES = "ift-paper", ("fno++-paper", "fno-d4-paper", "fno-d4-pointwise")
+
+
+def collect(results: Path, epochs: int) -> dict:
+    """``{setting: {run name: {seed: (test rel L2, curve, file)}}}`` from the results files at ``epochs``.
+    A run recorded twice for one seed and setting is an error (the files would disagree on which counts)."""
+    table: dict = {s: {} for s in SETTINGS}
+    for path in sorted(results.glob(f"{PREFIX}*.json")):
+        if path.name.startswith(f"{PREFIX}summary"):
+            continue
+        data = json.loads(path.read_text())
+        config = data["config"]
+        if config.get("epochs") != epochs or config.get("small"):
+            continue
+        noise = config.get("noise")
+        setting = f"{noise['noise_on']} noise" if isinstance(noise, dict) else "clean"
+        for name, run in data["metrics"]["runs"].items():
+            if name == "fno-d4-paper" and "fno_d4_note" in config:  # ran with the bias: the code ignored the flag
+                name = "fno-d4-pointwise"
+            if name not in MODELS:
+                continue
+            seeds = table[setting].setdefault(name, {})
+            if config["seed"] in seeds:
+                raise ValueError(f"{name}, seed {config['seed']}, {setting}: in both {seeds[config['seed']][2]} "
+                                 f"and {path.name}")
+            seeds[config["seed"]] = (run["test_rel_l2"], run.get("test_rel_l2_curve"), path.name)
+    return table
+
+
+def summarise(table: dict) -> dict:
+    """Per setting and model: seeds, values, mean, std (sample; None for one seed); FNO-DEQ's ratios to each
+    baseline, of the means and per seed where both ran."""
+    out: dict = {}
+    for setting, models in table.items():
+        rows = {}
+        for name, seeds in sorted(models.items(), key=lambda item: list(MODELS).index(item[0])):
+            values = [seeds[s][0] for s in sorted(seeds)]
+            rows[name] = {"label": MODELS[name], "seeds": sorted(seeds), "test_rel_l2": values,
+                          "mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else None,
+                          "files": sorted({seeds[s][2] for s in seeds})}
+        for b in BASELINES:
+            if DEQ in rows and b in rows:
+                deq, base = models[DEQ], models[b]
+                rows[DEQ][f"ratio_of_means_to_{b}"] = rows[DEQ]["mean"] / rows[b]["mean"]
+                rows[DEQ][f"ratio_per_seed_to_{b}"] = {s: deq[s][0] / base[s][0] for s in sorted(deq) if s in base}
+        if rows:
+            out[setting] = rows
+    return out
+
+
+def plot(table: dict, summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.2))
+    settings = list(summary)
+    names = [n for n in MODELS if any(n in summary[s] for s in settings)]
+    w = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * w for j, s in enumerate(settings) if name in summary[s]]
+        rows = [summary[s][name] for s in settings if name in summary[s]]
+        bars.bar(xs, [r["mean"] for r in rows], width=w, label=MODELS[name], color=f"C{i}", alpha=0.7)
+        for x, r in zip(xs, rows):
+            bars.plot([x] * len(r["test_rel_l2"]), r["test_rel_l2"], "k.", ms=4)
+    bars.set_xticks([j + 0.4 - w / 2 for j in range(len(settings))], settings)
+    bars.set_ylabel("test relative L2 (bars: mean; dots: seeds)")
+    bars.set_title("Darcy 85x85, current configs")
+    bars.legend(fontsize=8)
+    for j, setting in enumerate(settings):
+        for i, name in enumerate(names):
+            seeds = table[setting].get(name, {})
+            curve = seeds[min(seeds)][1] if seeds else None
+            if curve:
+                ep, v = zip(*curve)
+                curves.plot(ep, v, ["-", "--", ":"][j % 3], color=f"C{i}", label=f"{MODELS[name]}, {setting}")
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("test relative L2 (first seed)")
+    curves.set_yscale("log")
+    curves.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="folder of the results files")
+    p.add_argument("--epochs", type=int, default=64)
+    p.add_argument("--out", help="folder for the summary and PNG (default: --results)")
+    args = p.parse_args(argv)
+    from implicit.results import write_results
+
+    results = Path(args.results)
+    if not results.is_dir():
+        p.error(f"--results: no folder {results}")
+    table = collect(results, args.epochs)
+    summary = summarise(table)
+    if not summary:
+        p.error(f"no {PREFIX}*.json results at {args.epochs} epochs in {results}")
+    out = Path(args.out or results)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot(table, summary, out / f"{PREFIX}summary.png")
+    path = write_results(f"{PREFIX}summary", config={"epochs": args.epochs, "source": f"{PREFIX}*.json in {results.name}",
+                                                     "models": MODELS},
+                         metrics=summary, device="cpu", out_dir=out)
+    for setting, rows in summary.items():
+        print(setting + ": " + ", ".join(
+            f"{r['label']} {r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] is not None else "")
+            + f" (seeds {r['seeds']})" for r in rows.values()))
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
