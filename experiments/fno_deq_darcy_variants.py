@@ -102,12 +102,11 @@ def _train_run(args: argparse.Namespace, name: str, seed: int, read_only: bool =
         return None
     history = summary["history"]
     times = [h["time_s"] for h in history]
-    peaks = [h["peak_memory_bytes"] for h in history if "peak_memory_bytes" in h]  # over all resumed parts
     run = {"config": VARIANTS[name][0], "overrides": extra, "parameters": summary["parameters"],
            "test_rel_l2": history[-1].get("test_rel_l2"), "train_rel_l2": history[-1].get("train_rel_l2"),
            "test_rel_l2_curve": [[h["epoch"], h["test_rel_l2"]] for h in history if "test_rel_l2" in h],
            "epoch_time_s_last": times[-1], "train_time_s": sum(times),
-           "peak_memory_bytes": max(peaks) if peaks else summary.get("peak_memory_bytes")}
+           "peak_memory_bytes": summary.get("peak_memory_bytes")}  # over all resumed parts
     print(f"{name} seed {seed}: test rel L2 {run['test_rel_l2']:.5f}, last epoch {times[-1]:.1f} s", flush=True)
     return run
 

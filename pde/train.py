@@ -563,7 +563,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                                   "lr": opt.param_groups[0]["lr"]}
         if iters:
             record["train_solver_iters"] = sum(iters) / len(iters)
-        if device.type == "cuda":  # so far in this process; a resumed run's peak is the maximum over its history
+        if device.type == "cuda":  # so far in this process (the summary takes the maximum over the history)
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         if main:
             stats = {}
@@ -601,8 +601,9 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "run": str(run), "parameters": n_params,
                                "history": history, "epochs": cfg.epochs, "world_size": world,
                                "epochs_done": done, "stopped_early": done < cfg.epochs}
-    if device.type == "cuda":
-        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    if device.type == "cuda":  # the whole run's: earlier calls' epochs of a resumed run recorded theirs
+        summary["peak_memory_bytes"] = max([torch.cuda.max_memory_allocated(device),
+                                            *(h["peak_memory_bytes"] for h in history if "peak_memory_bytes" in h)])
     if main and cfg.plot and history:
         pred, _ = _predict(op, test_ds.x[:4], device, 4, cfg.amp)
         summary["png"] = str(plot_prediction(test_ds.x[:4], test_ds.y[:4], pred, run / "prediction.png",
