@@ -131,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or results)
     out.mkdir(parents=True, exist_ok=True)
     png = plot(table, summary, out / f"{PREFIX}summary.png")
-    path = write_results(f"{PREFIX}summary", config={"epochs": args.epochs, "source": f"{PREFIX}*.json in {results.name}",
-                                                     "models": MODELS},
-                         metrics=summary, device="cpu", out_dir=out)
+    config = {"epochs": args.epochs, "source": f"{PREFIX}*.json in {results.name}", "models": MODELS}
+    path = write_results(f"{PREFIX}summary", config=config, metrics=summary, device="cpu", out_dir=out)
     for setting, rows in summary.items():
         print(setting + ": " + ", ".join(
             f"{r['label']} {r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] is not None else "")

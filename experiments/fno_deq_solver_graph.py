@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for graph in (False, True):
         cfg = load_config(None, ROOT / "experiments" / "configs" / "darcy-fno-deq.toml", epochs=args.epochs,
-                          pretrain_steps=0, tol=1e-30, backward_tol=1e-30, eval_every=args.epochs, solver_graph=graph, plot=False,
-                          out=str(out / "runs" / f"graph-{graph}"), **small)
+                          pretrain_steps=0, tol=1e-30, backward_tol=1e-30, eval_every=args.epochs, solver_graph=graph,
+                          plot=False, out=str(out / "runs" / f"graph-{graph}"), **small)
         summary = train(cfg, overwrite=True, progress=False, log=lambda s: None)
         times = [h["time_s"] for h in summary["history"]]
         median = statistics.median(times[1:]) if len(times) > 1 else times[0]
