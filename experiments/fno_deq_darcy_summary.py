@@ -1,4 +1,4 @@
-"""Darcy with the current configs: FNO, FNO++ and FNO-DEQ over seeds, clean and noisy, from the runs'
+"""Darcy with the current configs: FNO, FNO++, IFNO and FNO-DEQ over seeds, clean and noisy, from the runs'
 results files (``fno_deq_darcy_paper_match_*.json`` at ``--epochs``; written by fno_deq_darcy_variants.py).
 
 Writes fno_deq_darcy_paper_match_summary.json (test relative L2 per training setting and model: each
@@ -23,9 +23,9 @@ PREFIX = "fno_deq_darcy_paper_match_"
 # run name -> label; the Darcy configs' current settings only (the "-paper" suffix: pointwise normaliser, no
 # spectral bias; FNO-DEQ with the exact gradient). FNO runs that kept the spectral bias count as "-pointwise".
 MODELS = {"fno-d4-paper": "FNO d4", "fno-d4-pointwise": "FNO d4 (spectral bias)", "fno++-paper": "FNO++ d4",
-          "ift-paper": "FNO-DEQ"}
+          "ifno-paper": "IFNO", "ift-paper": "FNO-DEQ"}
 SETTINGS = ("clean", "input noise", "target noise")
-DEQ, BASELINES = "ift-paper", ("fno++-paper", "fno-d4-paper", "fno-d4-pointwise")
+DEQ, BASELINES = "ift-paper", ("fno++-paper", "fno-d4-paper", "fno-d4-pointwise", "ifno-paper")
 
 
 def collect(results: Path, epochs: int) -> dict:

@@ -1,4 +1,4 @@
-"""FNO-DEQ against FNO++ (and FNO) at depth 4 on Darcy, trained in the same process, under variations of the
+"""FNO-DEQ against FNO++ (and FNO) at depth 4 and IFNO on Darcy, trained in the same process, under variations of the
 paper's settings: the FNO-DEQ gradient, the data normaliser and the spectral bias (writes
 fno_deq_darcy_<TAG>[_<NOISE>_noise]_<EPOCHS>ep[_seed<S>].json; TAG "backward" by default).
 
@@ -12,7 +12,8 @@ Every run trains one of the paper's Darcy configs (experiments/configs/darcy-*.t
 The suffix sets both models' data normaliser and spectral bias: none, the package's earlier settings
 (per-channel normaliser, neuraloperator's spectral bias); ``-pointwise``, the paper's per-point normaliser
 (its ``UnitGaussianNormalizer``); ``-paper``, that and no spectral bias (the paper's, and the configs' now).
-Each FNO-DEQ run's ratio is to the FNO++ (and FNO depth 4, ``fno-d4``) run with the same suffix.
+Each FNO-DEQ run's ratio is to the FNO++ (and FNO depth 4, ``fno-d4``, and IFNO, ``ifno``: FNO-DEQ's block
+unrolled 12 times, trained by backprop) run with the same suffix.
 
 The question: which of these closes FNO-DEQ's gap to FNO++ at equal epochs?
 
@@ -59,7 +60,7 @@ SETTINGS = {"": {"normalizer": "channel", "spectral_bias": True},
             "-pointwise": {"normalizer": "pointwise", "spectral_bias": True},
             "-paper": {"normalizer": "pointwise", "spectral_bias": False}}
 # FNO is neuraloperator's; spectral_bias reaches it since the Darcy noisy runs (whose fno-d4-paper kept the bias)
-BASELINES = {"fno++": "darcy-fno++-d4.toml", "fno-d4": "darcy-fno-d4.toml"}
+BASELINES = {"fno++": "darcy-fno++-d4.toml", "fno-d4": "darcy-fno-d4.toml", "ifno": "darcy-ifno.toml"}
 VARIANTS: dict[str, tuple[str, dict]] = {}  # name -> (config file, overrides)
 for _suffix, _setting in SETTINGS.items():
     for _b, _config in BASELINES.items():
