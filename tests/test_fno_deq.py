@@ -397,6 +397,7 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
 
     write("64ep", 0, {"fno++-paper": 0.010, "ift-paper": 0.009})
     write("64ep_seed1", 1, {"fno++-paper": 0.012, "ift-paper": 0.013})
+    write("ifno_64ep_seed1", 1, {"ifno-paper": 0.0125})
     write("16ep", 0, {"fno++-paper": 0.5, "ift-paper": 0.5}, epochs=16)
     write("target_noise_64ep", 0, {"fno-d4-paper": 0.05, "ift-paper": 0.04},
           noise={"noise_on": "target", "noise_level": 1e-3}, fno_d4_note="kept the bias")
@@ -408,6 +409,8 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     assert deq["std"] == pytest.approx(statistics.stdev([0.009, 0.013]))
     assert deq["ratio_of_means_to_fno++-paper"] == pytest.approx(0.011 / 0.011)
     assert deq["ratio_per_seed_to_fno++-paper"] == {"0": pytest.approx(0.9), "1": pytest.approx(13 / 12)}
+    assert out["clean"]["ifno-paper"]["label"] == "IFNO" and out["clean"]["ifno-paper"]["std"] is None
+    assert deq["ratio_per_seed_to_ifno-paper"] == {"1": pytest.approx(0.013 / 0.0125)}
     target = out["target noise"]
     assert "fno-d4-paper" not in target and target["fno-d4-pointwise"]["std"] is None
     assert target["ift-paper"]["ratio_of_means_to_fno-d4-pointwise"] == pytest.approx(0.8)
