@@ -107,7 +107,10 @@ def _train_run(args: argparse.Namespace, name: str, seed: int, read_only: bool =
            "test_rel_l2": history[-1].get("test_rel_l2"), "train_rel_l2": history[-1].get("train_rel_l2"),
            "test_rel_l2_curve": [[h["epoch"], h["test_rel_l2"]] for h in history if "test_rel_l2" in h],
            "epoch_time_s_last": times[-1], "train_time_s": sum(times),
-           "peak_memory_bytes": summary.get("peak_memory_bytes")}  # over all resumed parts
+           "peak_memory_bytes": summary.get("peak_memory_bytes"),  # over all resumed parts
+           # FNO-DEQ's last test solve, or IFNO's last unrolled step (has it reached a fixed point?)
+           "test_solver_iters": history[-1].get("test_solver_iters"),
+           "test_solver_rel_residual": history[-1].get("test_solver_rel_residual")}
     print(f"{name} seed {seed}: test rel L2 {run['test_rel_l2']:.5f}, last epoch {times[-1]:.1f} s", flush=True)
     return run
 

@@ -96,8 +96,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     line = (f"{Path(args.data).name} at {res['resolution']}x{res['resolution']}"
             + (f" (trained at {res['train_resolution']})" if res.get("train_resolution") else "")
             + f": relative L2 {res['rel_l2_mean']:.4f} +- {res['rel_l2_std']:.4f} over {res['n_samples']} samples")
-    if "solver" in res:
-        s = res["solver"]
+    s = res.get("solver")
+    if s and res["model"]["model"] == "ifno":  # no tolerance: how far the last unrolled step still moved
+        line += (f"; {s['n_iter_mean']:.0f} unrolled iterations, last step {s['residual_mean']:.2e} "
+                 f"(relative {s['rel_residual_mean']:.2e})")
+    elif s:
         line += (f"; solver {s['n_iter_mean']:.1f} iterations, residual {s['residual_mean']:.2e}, "
                  f"{100 * s['converged_fraction']:.0f}% converged")
     print(line)
@@ -145,7 +148,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     e.add_argument("data", help="an .h5 file written by `implicit data generate`")
     e.add_argument("--subsample", type=int, default=1, help="keep every k-th grid point")
     e.add_argument("--limit", type=int, help="only the first N samples")
-    e.add_argument("--max-iter", type=int, help="FNO-DEQ solver iterations (default: the checkpoint's)")
+    e.add_argument("--max-iter", type=int, help="FNO-DEQ solver iterations, or IFNO's unrolled iterations (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="auto")
     e.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])

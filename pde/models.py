@@ -49,6 +49,7 @@ normalised; the normalisers live in the :class:`Operator` wrapper beside the net
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -301,7 +302,14 @@ class IFNO(_InjectedOperator, name="ifno"):
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
         z0 = torch.zeros_like(inj) if z0 is None else z0
-        return unroll(lambda z: self.block(z, inj), z0, max_iter=self.iterations).z
+        result = unroll(lambda z: self.block(z, inj), z0, max_iter=self.iterations)
+        # the last step's size ||z_K - z_{K-1}|| is the block's residual at z_{K-1}: whether the unrolled
+        # iterates reached a fixed point, reported as FNO-DEQ's solve is (z detached: no graph kept)
+        self.last_result = dataclasses.replace(result, z=result.z.detach())
+        self.last_stats = {"mode": "unrolled", "n_iter": float(self.iterations),
+                           "residual": float(result.residual.float().mean()),
+                           "rel_residual": float(result.rel_residual.float().mean())}
+        return result.z
 
 
 class FNODEQ(_InjectedOperator, name="fno-deq"):

@@ -379,13 +379,18 @@ _RESUMABLE_CHANGES = {"epochs", "device", "out", "plot", "eval_every"}
 @torch.no_grad()
 def _predict(op: Operator, x_raw: Tensor, device: torch.device, batch_size: int, amp: str = "none",
              max_iter: int | None = None) -> tuple[Tensor, dict]:
-    """Raw predictions for raw inputs, in batches, and the FNO-DEQ solver stats per sample."""
+    """Raw predictions for raw inputs, in batches, and the solver stats per sample: FNO-DEQ's solve, or
+    IFNO's last unrolled step (no tolerance, so never ``converged``)."""
     op.eval()
     net = op.net
-    override = max_iter is not None and hasattr(net, "deq")
-    saved = net.deq.eval_max_iter if override else None
+    # test-time iterations: FNO-DEQ's evaluation solve limit, or IFNO's number of unrolled applications
+    owner, attr = (net.deq, "eval_max_iter") if hasattr(net, "deq") else (net, "iterations")
+    if max_iter is not None and not hasattr(owner, attr):
+        raise ValueError(f"max_iter applies to fno-deq and ifno models, not {net.model_name}")
+    override = max_iter is not None
+    saved = getattr(owner, attr) if override else None
     if override:
-        net.deq.eval_max_iter = max_iter
+        setattr(owner, attr, max_iter)
     preds, iters, res, rel, conv = [], [], [], [], []
     try:
         for i in range(0, x_raw.shape[0], batch_size):
@@ -393,15 +398,15 @@ def _predict(op: Operator, x_raw: Tensor, device: torch.device, batch_size: int,
             with _amp_context(amp, device):
                 out = net(xb)
             preds.append(op.y_normalizer.decode(out.float()).cpu())
-            r = getattr(net, "last_result", None)
-            if hasattr(net, "deq") and r is not None:
+            r = getattr(net, "last_result", None)  # FNO-DEQ's solve, or IFNO's unrolled iterates
+            if r is not None:
                 iters.append(r.n_iter.cpu())
                 res.append(r.residual.float().cpu())
                 rel.append(r.rel_residual.float().cpu())
                 conv.append(r.converged.cpu())
     finally:
         if override:
-            net.deq.eval_max_iter = saved
+            setattr(owner, attr, saved)
     stats = {}
     if iters:
         stats = {"n_iter": torch.cat(iters), "residual": torch.cat(res), "rel_residual": torch.cat(rel),
@@ -621,7 +626,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     """Relative L2 (mean, std, per sample) and solver statistics of a checkpoint on a data file.
 
     The file may have another resolution than the training data (zero-shot transfer);
-    ``max_iter`` overrides FNO-DEQ's evaluation iteration limit.
+    ``max_iter`` overrides FNO-DEQ's evaluation iteration limit, or IFNO's number of iterations (test-time
+    depth). For IFNO, ``solver`` reports the last unrolled step's size, the block's residual there.
     """
     dev = _resolve_device(device, None)
     op = load_model(str(checkpoint), map_location=dev).to(dev)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pde.datasets import generate_split
-from pde.train import TrainConfig, add_observation_noise, evaluate, load_config, noise_levels, train
+from pde.train import TrainConfig, add_observation_noise, evaluate, load_config, noise_levels, relative_l2, train
 
 RECIPE = {"name": "darcy-t", "generator": "darcy", "seed": 0, "chunk_size": 16, "store_dtype": "float32",
           "splits": {"train": 16, "test": 4}, "darcy": {"fine_resolution": 25, "subsample": 2}}
@@ -51,6 +51,43 @@ def test_baselines_train(darcy, tmp_path, model):
     s = train(_cfg(darcy, tmp_path / model, model=model, depth=1, iterations=2, epochs=2), progress=False,
               log=lambda m: None)
     assert np.isfinite(s["history"][-1]["test_rel_l2"])
+
+
+def test_ifno_reports_its_last_step_and_evaluates_at_other_depths(darcy, tmp_path):
+    """IFNO's solver stats are its last unrolled step, ||f(z_{K-1}) - z_{K-1}||; evaluate's ``max_iter`` changes
+    its depth as a model built with that depth would compute; models without iterations refuse it."""
+    from pde.models import load_model
+    from pde.train import load_split
+
+    train(_cfg(darcy, tmp_path / "ifno", model="ifno", iterations=3, epochs=1), progress=False, log=lambda m: None)
+    ckpt, test = tmp_path / "ifno" / "checkpoint.pt", darcy.with_name("darcy-t_test.h5")
+    op = load_model(str(ckpt)).eval()
+    x = op.x_normalizer.encode(load_split(test).x)
+    with torch.no_grad():
+        out3 = op.net(x)
+        inj = op.net.stem(x)
+        z = torch.zeros_like(inj)
+        for _ in range(2):
+            z = op.net.block(z, inj)
+        step = torch.linalg.vector_norm((op.net.block(z, inj) - z).flatten(1), dim=1)
+    assert op.net.last_result.residual == pytest.approx(step, rel=1e-4)
+    assert op.net.last_stats["n_iter"] == 3 and not op.net.last_result.z.requires_grad
+
+    res = evaluate(ckpt, test, device="cpu")
+    assert res["solver"]["n_iter"] == [3] * len(res["rel_l2"])
+    assert res["solver"]["residual"] == pytest.approx(step.tolist(), rel=1e-4)
+    deeper = evaluate(ckpt, test, device="cpu", max_iter=6)
+    op.net.iterations = 6
+    with torch.no_grad():
+        out6 = op.net(x)
+    assert not torch.allclose(out6, out3)
+    expect = relative_l2(op.y_normalizer.decode(out6), load_split(test).y)
+    assert deeper["rel_l2"] == pytest.approx(expect.tolist(), rel=1e-5)
+    assert load_model(str(ckpt)).net.iterations == 3  # the override does not stick
+
+    train(_cfg(darcy, tmp_path / "fno", model="fno", depth=1, epochs=1), progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="max_iter applies to fno-deq and ifno"):
+        evaluate(tmp_path / "fno" / "checkpoint.pt", test, device="cpu", max_iter=6)
 
 
 def test_resume_equals_uninterrupted(darcy, tmp_path):
