@@ -148,7 +148,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     e.add_argument("data", help="an .h5 file written by `implicit data generate`")
     e.add_argument("--subsample", type=int, default=1, help="keep every k-th grid point")
     e.add_argument("--limit", type=int, help="only the first N samples")
-    e.add_argument("--max-iter", type=int, help="FNO-DEQ solver iterations, or IFNO's unrolled iterations (default: the checkpoint's)")
+    e.add_argument("--max-iter", type=int,
+                   help="FNO-DEQ solver iterations, or IFNO's unrolled iterations (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="auto")
     e.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
