@@ -116,6 +116,30 @@ def test_paper_sizes():
     assert 2.3e6 < n_deq < 2.8e6 and 7.5e6 < n_fno4 < 8.6e6
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+PAPER_MILLIONS = {1: 2.4, 2: 4.2, 4: 7.7, 8: 14.8}  # the paper's FNO / FNO++ at depth 1, 2, 4, 8; FNO-DEQ, IFNO 2.4
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("darcy-*.toml")) + sorted(CONFIGS.glob("ns-*.toml")),
+                         ids=lambda p: p.stem)
+def test_shipped_pde_configs_build_the_papers_model_sizes(path):
+    """Every Darcy / Navier-Stokes config loads, names an existing data recipe, and builds its model within
+    10% of the paper's parameter count (neuraloperator's layers add ~8%)."""
+    from pde.train import load_config
+
+    cfg = load_config(None, path)
+    assert path.stem.split("-", 1)[1].startswith(cfg.model)  # darcy-fno++-d4 is an fno++
+    root = CONFIGS.parents[1]
+    assert (root / "data" / f"{cfg.data}.toml").is_file()
+    in_channels = 2 if path.stem.startswith("ns-") else 1  # NS: the two forcing components
+    n = count_parameters(build_model(cfg.model, **cfg.model_kwargs(in_channels, 1)))
+    if cfg.model in ("fno", "fno++"):
+        assert path.stem.endswith(f"-d{cfg.depth}")  # the depth the file name promises
+    paper = PAPER_MILLIONS[cfg.depth] if cfg.model in ("fno", "fno++") else 2.4
+    assert abs(n / 1e6 / paper - 1) < 0.1, (n, paper)
+    assert cfg.norm == ("instance_norm" if path.stem.startswith("ns-") and cfg.model != "fno-deq" else "none")
+
+
 def test_bad_names_and_values():
     with pytest.raises(ValueError, match="fno-deq"):
         build_model("fno-xyz")
