@@ -29,7 +29,8 @@ DEQ, BASELINES = "ift-paper", ("fno++-paper", "fno-d4-paper", "fno-d4-pointwise"
 
 
 def collect(results: Path, epochs: int) -> dict:
-    """``{setting: {run name: {seed: (test rel L2, curve, file)}}}`` from the results files at ``epochs``.
+    """``{setting: {run name: {seed: (test rel L2, curve, file, run record)}}}`` from the results files at
+    ``epochs``.
     A run recorded twice for one seed and setting is an error (the files would disagree on which counts)."""
     table: dict = {s: {} for s in SETTINGS}
     for path in sorted(results.glob(f"{PREFIX}*.json")):
@@ -50,13 +51,14 @@ def collect(results: Path, epochs: int) -> dict:
             if config["seed"] in seeds:
                 raise ValueError(f"{name}, seed {config['seed']}, {setting}: in both {seeds[config['seed']][2]} "
                                  f"and {path.name}")
-            seeds[config["seed"]] = (run["test_rel_l2"], run.get("test_rel_l2_curve"), path.name)
+            seeds[config["seed"]] = (run["test_rel_l2"], run.get("test_rel_l2_curve"), path.name, run)
     return table
 
 
 def summarise(table: dict) -> dict:
-    """Per setting and model: seeds, values, mean, std (sample; None for one seed); FNO-DEQ's ratios to each
-    baseline, of the means and per seed where both ran."""
+    """Per setting and model: seeds, values, mean, std (sample; None for one seed), parameters and the largest
+    peak training memory over seeds; FNO-DEQ's ratios to each baseline, of the means and per seed where both
+    ran. (Epoch times are left out: most runs shared the GPU, so they are not comparable.)"""
     out: dict = {}
     for setting, models in table.items():
         rows = {}
@@ -65,7 +67,10 @@ def summarise(table: dict) -> dict:
             rows[name] = {"label": MODELS[name], "seeds": sorted(seeds), "test_rel_l2": values,
                           "mean": statistics.fmean(values),
                           "std": statistics.stdev(values) if len(values) > 1 else None,
-                          "files": sorted({seeds[s][2] for s in seeds})}
+                          "files": sorted({seeds[s][2] for s in seeds}),
+                          "parameters": seeds[min(seeds)][3].get("parameters"),
+                          "peak_memory_bytes_max": max((seeds[s][3].get("peak_memory_bytes") or 0 for s in seeds),
+                                                       default=0) or None}
         for b in BASELINES:
             if DEQ in rows and b in rows:
                 deq, base = models[DEQ], models[b]

@@ -414,8 +414,8 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
 
     def write(name, seed, runs, noise=None, epochs=64, **extra):
         config = {"epochs": epochs, "seed": seed, "noise": noise or "clean training data", **extra}
-        metrics = {"runs": {k: {"test_rel_l2": v, "test_rel_l2_curve": [[1, 2 * v], [epochs, v]]}
-                            for k, v in runs.items()}}
+        metrics = {"runs": {k: {"test_rel_l2": v, "test_rel_l2_curve": [[1, 2 * v], [epochs, v]], "parameters": 7,
+                                "peak_memory_bytes": round(v * 1e6)} for k, v in runs.items()}}
         (tmp_path / f"fno_deq_darcy_paper_match_{name}.json").write_text(json.dumps({"config": config,
                                                                                      "metrics": metrics}))
 
@@ -431,6 +431,7 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     deq = out["clean"]["ift-paper"]
     assert deq["test_rel_l2"] == [0.009, 0.013] and deq["mean"] == pytest.approx(0.011)
     assert deq["std"] == pytest.approx(statistics.stdev([0.009, 0.013]))
+    assert deq["parameters"] == 7 and deq["peak_memory_bytes_max"] == 13000  # the larger seed's peak
     assert deq["ratio_of_means_to_fno++-paper"] == pytest.approx(0.011 / 0.011)
     assert deq["ratio_per_seed_to_fno++-paper"] == {"0": pytest.approx(0.9), "1": pytest.approx(13 / 12)}
     assert out["clean"]["ifno-paper"]["label"] == "IFNO" and out["clean"]["ifno-paper"]["std"] is None
