@@ -475,9 +475,11 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                     cell["epoch_time_s_concurrent"] = statistics.fmean(r["epoch_time_s"] for r in rs)
                     mem = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes")]
                     cell["peak_train_memory_bytes"] = max(mem) if mem else None
-                    if name == "fno-deq":
-                        cell["test_solver_iters"] = statistics.fmean(r["test_solver_iters"] for r in rs)
-                        cell["test_solver_rel_residual"] = statistics.fmean(r["test_solver_rel_residual"] for r in rs)
+                    # FNO-DEQ's test solve; IFNO's last unrolled step (runs before it was recorded have none)
+                    for key in ("test_solver_iters", "test_solver_rel_residual"):
+                        vals = [r.get(key) for r in rs]
+                        if name in ("fno-deq", "ifno") and None not in vals:
+                            cell[key] = statistics.fmean(vals)
         targets = {}
         for data_key, per_setting in accuracy.items():
             for setting, per_model in per_setting.items():
