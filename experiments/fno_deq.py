@@ -535,7 +535,7 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
     norm = ("pointwise normalisation and spectral convolutions without bias (the paper's); FNO-DEQ with the "
             "exact implicit gradient (paper: phantom)" if problem == "darcy" and args.paper_match else
             "per-channel normalisation (paper: pointwise)")
-    common = ("every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; " + norm + "; "
+    common = ("Every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; " + norm + "; "
               "FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 steps). Runs train concurrently on "
               "one GPU, so epoch times are concurrent times. ")
     if problem == "darcy":
@@ -546,14 +546,15 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
                 "Noise: variances {0, 1e-9, ..., 1e-3}, one chunk of the training set each, on the raw coefficient "
                 "(values 3/12: the paper's protocol, a small perturbation) or the raw solution; clean test data. "
                 + common + f"{n_done}/{n_all} runs finished all epochs; the others report epochs_done.")
+    noise = (f"Noise: the paper's NS variance levels up to {args.ns_noise}, scaled by var(our raw field) / "
+             "var(paper's raw field) (noise_scale per run) so the signal-to-noise ratio is the paper's. "
+             if args.ns_noise else "Clean training data only (no noise settings). ")
     return (f"REDUCED protocol: {args.ns_epochs} epochs (paper: 500), seeds {args.ns_seeds} (paper: 3), "
             f"{args.ns_train} train / {args.ns_test} test samples (paper: 4500 / 500) at "
             f"{128 // args.ns_subsample}x{128 // args.ns_subsample} (paper: 128), viscosities {args.ns_viscosities}; "
             "lr 5e-3 constant, instance norm (paper's NS runs) except in FNO-DEQ (no norm: with it the tied block "
             "has no fixed point the solver reaches). Data: this package's steady NS recipes (Newton-Krylov "
-            "steady states, not time-stepped jax-cfd). Noise: the paper's NS variance levels up to "
-            f"{args.ns_noise}, scaled by var(our raw field) / var(paper's raw field) (noise_scale per run) so the "
-            "signal-to-noise ratio is the paper's. " + common
+            "steady states, not time-stepped jax-cfd). " + noise + common
             + f"{n_done}/{n_all} runs finished all epochs; the others report epochs_done.")
 
 

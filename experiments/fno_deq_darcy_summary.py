@@ -56,8 +56,8 @@ def collect(results: Path, epochs: int) -> dict:
 
 
 def summarise(table: dict) -> dict:
-    """Per setting and model: seeds, values, mean, std (sample; None for one seed), parameters and the largest
-    peak training memory over seeds; FNO-DEQ's ratios to each baseline, of the means and per seed where both
+    """Per setting and model: seeds, values, mean, std (sample; None for one seed), parameters, the largest
+    peak training memory over seeds and, where recorded, the test solve's relative residual per seed; FNO-DEQ's ratios to each baseline, of the means and per seed where both
     ran. (Epoch times are left out: most runs shared the GPU, so they are not comparable.)"""
     out: dict = {}
     for setting, models in table.items():
@@ -71,6 +71,10 @@ def summarise(table: dict) -> dict:
                           "parameters": seeds[min(seeds)][3].get("parameters"),
                           "peak_memory_bytes_max": max((seeds[s][3].get("peak_memory_bytes") or 0 for s in seeds),
                                                        default=0) or None}
+            # the last test solve's relative residual (FNO-DEQ) or last unrolled step (IFNO), where a run recorded it
+            residuals = {s: seeds[s][3].get("test_solver_rel_residual") for s in sorted(seeds)}
+            if any(r is not None for r in residuals.values()):
+                rows[name]["test_solver_rel_residual"] = residuals
         for b in BASELINES:
             if DEQ in rows and b in rows:
                 deq, base = models[DEQ], models[b]

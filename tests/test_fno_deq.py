@@ -401,8 +401,9 @@ def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path)
 
 def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     """``experiments/fno_deq_darcy_summary.py``: per setting and model the seeds' mean and std, FNO-DEQ's
-    ratios to the baselines of the means and per seed, FNO runs that kept the spectral bias under their own
-    name, other epoch counts left out, and a run recorded twice is an error."""
+    ratios to the baselines of the means and per seed, the test solve's residual where a run recorded one, FNO
+    runs that kept the spectral bias under their own name, other epoch counts left out, and a run recorded
+    twice is an error."""
     import importlib.util
     import json
     import statistics
@@ -422,6 +423,10 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     write("64ep", 0, {"fno++-paper": 0.010, "ift-paper": 0.009})
     write("64ep_seed1", 1, {"fno++-paper": 0.012, "ift-paper": 0.013})
     write("ifno_64ep_seed1", 1, {"ifno-paper": 0.0125})
+    ifno_file = tmp_path / "fno_deq_darcy_paper_match_ifno_64ep_seed1.json"
+    record = json.loads(ifno_file.read_text())
+    record["metrics"]["runs"]["ifno-paper"]["test_solver_rel_residual"] = 1e-3  # IFNO's last unrolled step
+    ifno_file.write_text(json.dumps(record))
     write("16ep", 0, {"fno++-paper": 0.5, "ift-paper": 0.5}, epochs=16)
     write("target_noise_64ep", 0, {"fno-d4-paper": 0.05, "ift-paper": 0.04},
           noise={"noise_on": "target", "noise_level": 1e-3}, fno_d4_note="kept the bias")
@@ -435,6 +440,8 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     assert deq["ratio_of_means_to_fno++-paper"] == pytest.approx(0.011 / 0.011)
     assert deq["ratio_per_seed_to_fno++-paper"] == {"0": pytest.approx(0.9), "1": pytest.approx(13 / 12)}
     assert out["clean"]["ifno-paper"]["label"] == "IFNO" and out["clean"]["ifno-paper"]["std"] is None
+    assert out["clean"]["ifno-paper"]["test_solver_rel_residual"] == {"1": 1e-3}
+    assert "test_solver_rel_residual" not in deq  # no run recorded one
     assert deq["ratio_per_seed_to_ifno-paper"] == {"1": pytest.approx(0.013 / 0.0125)}
     target = out["target noise"]
     assert "fno-d4-paper" not in target and target["fno-d4-pointwise"]["std"] is None
