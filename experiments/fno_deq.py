@@ -177,6 +177,8 @@ def plan(args) -> list[dict]:
         else:  # the paper: lr 5e-3 constant, instance norm (normalize=True), periodic data (no padding)
             common.update(lr=5e-3, scheduler="constant", padding=0.0, norm="instance_norm",
                           subsample=1 if args.small else args.ns_subsample)
+            if args.paper_match:  # the paper's spectral convolutions; its NS normaliser is a fixed scale, kept per channel
+                common.update(spectral_bias=False)
         models = model_overrides("darcy" if darcy else "ns", args.small, epochs, -(-ntrain // batch))
         models = _subset(models, args.models, "--models")
         if args.solver_graph and "fno-deq" in models:
@@ -532,9 +534,14 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
         return "SMALL CPU smoke run: toy data and model sizes; the numbers mean nothing."
     loss = ("relative L2 loss summed over the batch (the paper's)" if args.loss_reduction == "sum" else
             "relative L2 loss averaged over the batch (paper: summed, which makes Adam's coupled decay 32x weaker)")
-    norm = ("pointwise normalisation and spectral convolutions without bias (the paper's); FNO-DEQ with the "
-            "exact implicit gradient (paper: phantom)" if problem == "darcy" and args.paper_match else
-            "per-channel normalisation (paper: pointwise)")
+    if problem == "darcy":
+        norm = ("pointwise normalisation and spectral convolutions without bias (the paper's); FNO-DEQ with the "
+                "exact implicit gradient (paper: phantom)" if args.paper_match else
+                "per-channel normalisation (paper: pointwise)")
+    else:
+        norm = "per-channel normalisation (paper: a fixed per-dataset scale); " + (
+            "spectral convolutions without bias (the paper's)" if args.paper_match else
+            "neuraloperator's spectral convolutions with bias (paper: none)")
     common = ("Every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; " + norm + "; "
               "FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 steps). Runs train concurrently on "
               "one GPU, so epoch times are concurrent times. ")
@@ -631,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the models (fno-d4, fno++-d4, ifno, fno-deq; default all)")
     p.add_argument("--paper-match", action="store_true",
                    help="Darcy: the configs' current settings (the paper's pointwise normaliser, no spectral bias; "
-                        "FNO-DEQ with the exact gradient, adjoint tolerance 1e-4); default: the earlier ones")
+                        "FNO-DEQ with the exact gradient, adjoint tolerance 1e-4); NS: no spectral bias (with "
+                        "--loss-reduction sum, the paper's loss too); default: the earlier settings")
     p.add_argument("--solver-graph", action="store_true",
                    help="FNO-DEQ's forward solve replayed as a CUDA graph (same results, ~1.14x faster epochs)")
     p.add_argument("--ns-epochs", type=int, default=6, help="Navier-Stokes epochs of every model")

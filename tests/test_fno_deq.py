@@ -257,7 +257,8 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
 
 def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
-    and a misspelt name stops the command before anything runs."""
+    and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
+    (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: the spectral bias only)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
@@ -279,6 +280,12 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     assert all(j["config"]["normalizer"] == "pointwise" and j["config"]["spectral_bias"] is False for j in matched)
     assert {j["model"] for j in matched if j["config"].get("backward") == "ift"} == {"fno-deq"}
     assert all("normalizer" not in j["config"] for j in everything)  # the earlier settings by default
+    ns = ["--small", "--problems", "ns", "--device", "cpu", "--out", str(tmp_path)]
+    ns_matched = [j for j in mod.plan(mod.build_parser().parse_args(ns + ["--paper-match"])) if j["kind"] == "train"]
+    assert ns_matched and all(j["config"]["spectral_bias"] is False and "normalizer" not in j["config"]
+                              and j["config"].get("backward") != "ift" for j in ns_matched)  # NS: no bias only
+    assert all("spectral_bias" not in j["config"]
+               for j in mod.plan(mod.build_parser().parse_args(ns)) if j["kind"] == "train")
 
 
 def test_solver_graph_option_reaches_the_deq():
