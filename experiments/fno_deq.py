@@ -10,8 +10,8 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   nu=0.001 costs ~35 samples/s to generate on an H100), generated on the device into
   ``<out>/data`` by their own processes before any training starts.
 - Models (paper settings, see ``experiments/configs/``): FNO and FNO++ at depth 4, IFNO (the tied
-  block unrolled 12 times), FNO-DEQ (Anderson, phantom gradient after a warm-up of unrolled steps; the
-  exact gradient with ``--paper-match``).
+  block unrolled 12 times), FNO-DEQ (Anderson, phantom gradient after a warm-up of unrolled steps; on
+  Darcy the exact gradient with ``--paper-match``).
   Every model gets the same epochs; the warm-up is scaled with the epochs (the paper: 300 of 16000
   steps).
 - Noise (the paper's protocol, :func:`pde.train.add_observation_noise`): Darcy variances up to 1e-3
@@ -38,6 +38,12 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
         --epochs 64 --seeds 0,1,2 --loss-reduction sum --jobs 3 --budget-s 565
     # every Darcy result above used the earlier settings; --paper-match trains with the Darcy configs' current
     # ones (fno_deq_darcy_variants.py compares them, one model pair per process)
+    # NS, both noise levels and IFNO with noise, on top of the runs recorded in the repo (fno_deq_ns.json)
+    python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise 0.001,0.004 --ifno-noisy \\
+        --reuse experiments/results/fno_deq_ns.json
+    # NS clean, 24 epochs, with the paper's loss and no spectral bias (fno_deq_ns_24ep_clean_paper_match.json)
+    python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise '' --ns-epochs 24 \\
+        --paper-match --loss-reduction sum
 """
 
 from __future__ import annotations
