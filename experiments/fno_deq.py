@@ -183,7 +183,7 @@ def plan(args) -> list[dict]:
         else:  # the paper: lr 5e-3 constant, instance norm (normalize=True), periodic data (no padding)
             common.update(lr=5e-3, scheduler="constant", padding=0.0, norm="instance_norm",
                           subsample=1 if args.small else args.ns_subsample)
-            if args.paper_match:  # the paper's spectral convolutions; its NS normaliser is a fixed scale, kept per channel
+            if args.paper_match:  # the paper's spectral convolutions (its NS normaliser, a fixed scale, is not matched)
                 common.update(spectral_bias=False)
         models = model_overrides("darcy" if darcy else "ns", args.small, epochs, -(-ntrain // batch))
         models = _subset(models, args.models, "--models")

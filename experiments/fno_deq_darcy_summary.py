@@ -57,8 +57,9 @@ def collect(results: Path, epochs: int) -> dict:
 
 def summarise(table: dict) -> dict:
     """Per setting and model: seeds, values, mean, std (sample; None for one seed), parameters, the largest
-    peak training memory over seeds and, where recorded, the test solve's relative residual per seed; FNO-DEQ's ratios to each baseline, of the means and per seed where both
-    ran. (Epoch times are left out: most runs shared the GPU, so they are not comparable.)"""
+    peak training memory over seeds and, where recorded, the test solve's relative residual per seed;
+    FNO-DEQ's ratios to each baseline, of the means and per seed where both ran. (Epoch times are left out:
+    most runs shared the GPU, so they are not comparable.)"""
     out: dict = {}
     for setting, models in table.items():
         rows = {}

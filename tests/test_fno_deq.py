@@ -255,6 +255,41 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     assert not (out / "jobs" / "train-b.json").exists() and not (out / "jobs" / "data-x.json").exists()
 
 
+def test_fno_deq_experiment_reports_ifno_last_step_beside_fno_deq_solve(tmp_path):
+    """``experiments/fno_deq.py``'s results: per cell the mean test solve of FNO-DEQ and the mean last unrolled
+    step of IFNO, left out where a run predates the record (a reused run), never for FNO."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
+    spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--out", str(tmp_path),
+                                          "--ns-viscosities", "0.01"])
+    (tmp_path / "jobs").mkdir()
+    jobs = []
+    for setting, model, seed, residual in [("clean", "fno-deq", 0, 1e-5), ("clean", "fno-deq", 1, 3e-5),
+                                           ("clean", "ifno", 0, 0.5), ("clean", "ifno", 1, 0.7),
+                                           ("clean", "fno-d4", 0, None), ("target-noise-0.004", "ifno", 0, 0.9),
+                                           ("target-noise-0.004", "ifno", 1, None)]:
+        jid = f"train-ns-nu0.01-{setting}-{model}-s{seed}"
+        jobs.append({"id": jid, "kind": "train", "data": "ns-nu0.01", "setting": setting, "model": model,
+                     "seed": seed, "config": {"epochs": 2}})
+        run = {"seed": seed, "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2, "epoch_time_s": 1.0,
+               "parameters": 10, "model": model, "test_rel_l2_curve": [[2, 0.1]]}
+        if residual is not None:
+            run.update(test_solver_iters=12.0, test_solver_rel_residual=residual)
+        (tmp_path / "jobs" / f"{jid}.json").write_text(json.dumps(run))
+    mod.collect(args, jobs, 0.0)
+    cells = json.loads((tmp_path / "fno_deq_ns.json").read_text())["metrics"]["accuracy"]["ns-nu0.01"]
+    assert cells["clean"]["fno-deq"]["test_solver_rel_residual"] == pytest.approx(2e-5)
+    assert cells["clean"]["ifno"]["test_solver_rel_residual"] == pytest.approx(0.6)
+    assert cells["clean"]["ifno"]["test_solver_iters"] == 12.0
+    assert "test_solver_rel_residual" not in cells["clean"]["fno-d4"]
+    assert "test_solver_rel_residual" not in cells["target-noise-0.004"]["ifno"]  # seed 1 has no record
+
+
 def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
