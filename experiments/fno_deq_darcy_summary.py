@@ -29,8 +29,7 @@ DEQ, BASELINES = "ift-paper", ("fno++-paper", "fno-d4-paper", "fno-d4-pointwise"
 
 
 def collect(results: Path, epochs: int) -> dict:
-    """``{setting: {run name: {seed: (test rel L2, curve, file, run record)}}}`` from the results files at
-    ``epochs``.
+    """``{setting: {run name: {seed: (file name, run record)}}}`` from the results files at ``epochs``.
     A run recorded twice for one seed and setting is an error (the files would disagree on which counts)."""
     table: dict = {s: {} for s in SETTINGS}
     for path in sorted(results.glob(f"{PREFIX}*.json")):
@@ -49,9 +48,9 @@ def collect(results: Path, epochs: int) -> dict:
                 continue
             seeds = table[setting].setdefault(name, {})
             if config["seed"] in seeds:
-                raise ValueError(f"{name}, seed {config['seed']}, {setting}: in both {seeds[config['seed']][2]} "
+                raise ValueError(f"{name}, seed {config['seed']}, {setting}: in both {seeds[config['seed']][0]} "
                                  f"and {path.name}")
-            seeds[config["seed"]] = (run["test_rel_l2"], run.get("test_rel_l2_curve"), path.name, run)
+            seeds[config["seed"]] = (path.name, run)
     return table
 
 
@@ -64,23 +63,25 @@ def summarise(table: dict) -> dict:
     for setting, models in table.items():
         rows = {}
         for name, seeds in sorted(models.items(), key=lambda item: list(MODELS).index(item[0])):
-            values = [seeds[s][0] for s in sorted(seeds)]
+            runs = {s: seeds[s][1] for s in sorted(seeds)}
+            values = [r["test_rel_l2"] for r in runs.values()]
             rows[name] = {"label": MODELS[name], "seeds": sorted(seeds), "test_rel_l2": values,
                           "mean": statistics.fmean(values),
                           "std": statistics.stdev(values) if len(values) > 1 else None,
-                          "files": sorted({seeds[s][2] for s in seeds}),
-                          "parameters": seeds[min(seeds)][3].get("parameters"),
-                          "peak_memory_bytes_max": max((seeds[s][3].get("peak_memory_bytes") or 0 for s in seeds),
+                          "files": sorted({seeds[s][0] for s in seeds}),
+                          "parameters": runs[min(runs)].get("parameters"),
+                          "peak_memory_bytes_max": max((r.get("peak_memory_bytes") or 0 for r in runs.values()),
                                                        default=0) or None}
             # the last test solve's relative residual (FNO-DEQ) or last unrolled step (IFNO), where a run recorded it
-            residuals = {s: seeds[s][3].get("test_solver_rel_residual") for s in sorted(seeds)}
+            residuals = {s: r.get("test_solver_rel_residual") for s, r in runs.items()}
             if any(r is not None for r in residuals.values()):
                 rows[name]["test_solver_rel_residual"] = residuals
         for b in BASELINES:
             if DEQ in rows and b in rows:
                 deq, base = models[DEQ], models[b]
                 rows[DEQ][f"ratio_of_means_to_{b}"] = rows[DEQ]["mean"] / rows[b]["mean"]
-                rows[DEQ][f"ratio_per_seed_to_{b}"] = {s: deq[s][0] / base[s][0] for s in sorted(deq) if s in base}
+                rows[DEQ][f"ratio_per_seed_to_{b}"] = {s: deq[s][1]["test_rel_l2"] / base[s][1]["test_rel_l2"]
+                                                       for s in sorted(deq) if s in base}
         if rows:
             out[setting] = rows
     return out
@@ -109,7 +110,7 @@ def plot(table: dict, summary: dict, path: Path) -> Path:
     for j, setting in enumerate(settings):
         for i, name in enumerate(names):
             seeds = table[setting].get(name, {})
-            curve = seeds[min(seeds)][1] if seeds else None
+            curve = seeds[min(seeds)][1].get("test_rel_l2_curve") if seeds else None
             if curve:
                 ep, v = zip(*curve)
                 curves.plot(ep, v, ["-", "--", ":"][j % 3], color=f"C{i}", label=f"{MODELS[name]}, {setting}")
