@@ -116,6 +116,17 @@ def test_paper_sizes():
     assert 2.3e6 < n_deq < 2.8e6 and 7.5e6 < n_fno4 < 8.6e6
 
 
+def _experiment(name: str):
+    """The script ``experiments/<name>.py`` loaded as a module (the experiments are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 PAPER_MILLIONS = {1: 2.4, 2: 4.2, 4: 7.7, 8: 14.8}  # the paper's FNO / FNO++ at depth 1, 2, 4, 8; FNO-DEQ, IFNO 2.4
 
@@ -226,13 +237,9 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     """``experiments/fno_deq.py --reuse``: a fresh machine takes the finished runs a results file records
     (so it only trains new seeds), never a cut run, a run it does not plan or planned with other settings,
     or over an existing result."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("fno_deq")
     jobs = [{"id": f"train-{s}", "kind": "train", "config": {"epochs": 6, "loss_reduction": "mean", "out": s}}
             for s in ("a", "b", "c", "d", "e", "f")]
     jobs[5]["config"]["loss_reduction"] = "sum"
@@ -258,13 +265,9 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
 def test_fno_deq_experiment_reports_ifno_last_step_beside_fno_deq_solve(tmp_path):
     """``experiments/fno_deq.py``'s results: per cell the mean test solve of FNO-DEQ and the mean last unrolled
     step of IFNO, left out where a run predates the record (a reused run), never for FNO."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("fno_deq")
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--out", str(tmp_path),
                                           "--ns-viscosities", "0.01"])
     (tmp_path / "jobs").mkdir()
@@ -294,12 +297,8 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
     (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: the spectral bias only)."""
-    import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("fno_deq")
     base = ["--small", "--problems", "darcy", "--device", "cpu", "--out", str(tmp_path)]
     trains = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-deq,fno++-d4"]))
               if j["kind"] == "train"]
@@ -369,13 +368,9 @@ def test_darcy_variants_experiment_trains_each_variant_with_its_settings(tmp_pat
     """``experiments/fno_deq_darcy_variants.py --small``: each FNO-DEQ variant trains with its own backward (so
     their results differ from the same seed), the settings suffixes and the noise reach the models, and the
     ratios are to the FNO++ run of the same process with the same settings."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_darcy_variants.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_darcy_variants_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("fno_deq_darcy_variants")
     variants = "fno++,phantom-1,ift,fno++-paper,ift-paper"
     assert mod.main(["--small", "--epochs", "1", "--variants", variants, "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "fno_deq_darcy_backward_small.json").read_text())["metrics"]
@@ -405,13 +400,9 @@ def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path)
     """``--seed 0,1 --jobs 2``: each run trains in its own process, and the results (a file per seed) equal
     those of the same runs trained one after the other in this process; a ``--time-budget`` that stops the
     runs writes no results and exits 3, and ``--resume`` then finishes them."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_darcy_variants.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_darcy_variants_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("fno_deq_darcy_variants")
     base = ["--small", "--epochs", "1", "--variants", "fno++,ift", "--tag", "t"]
     sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
     assert mod.main([*base, "--seed", "0,1", "--out", str(sequential)]) == 0
@@ -446,14 +437,10 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     ratios to the baselines of the means and per seed, the test solve's residual where a run recorded one, FNO
     runs that kept the spectral bias under their own name, other epoch counts left out, and a run recorded
     twice is an error."""
-    import importlib.util
     import json
     import statistics
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fno_deq_darcy_summary.py"
-    spec = importlib.util.spec_from_file_location("fno_deq_darcy_summary_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("fno_deq_darcy_summary")
 
     def write(name, seed, runs, noise=None, epochs=64, **extra):
         config = {"epochs": epochs, "seed": seed, "noise": noise or "clean training data", **extra}
