@@ -571,6 +571,13 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
             + f"{n_done}/{n_all} runs finished all epochs; the others report epochs_done.")
 
 
+def _short_label(data_key: str, setting: str, problem: str) -> str:
+    """'ns-nu0.01', 'target-noise-0.004' -> 'nu=0.01\ntarget\n4e-3': bar labels that fit side by side."""
+    where, _, level = setting.partition("-noise-")
+    label = f"{where}\n{float(level):.0e}".replace("e-0", "e-") if level else setting
+    return f"nu={data_key.removeprefix('ns-nu')}\n{label}" if problem == "ns" else label
+
+
 def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None:
     import matplotlib
 
@@ -578,7 +585,7 @@ def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None
     import matplotlib.pyplot as plt
 
     panels = [(k, s) for k in accuracy for s in accuracy[k]]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(max(13, 4 + 1.1 * len(panels)), 4.2))
     a, b = axes
     names = ["fno-d4", "fno++-d4", "ifno", "fno-deq"]
     w = 0.8 / len(names)
@@ -592,7 +599,7 @@ def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None
                 es.append(c["test_rel_l2"]["std"])
         a.bar(xs, ys, yerr=es, width=w, label=n)
     a.set_xticks([j + 0.4 - w / 2 for j in range(len(panels))],
-                 [f"{k}\n{s}" if problem == "ns" else s for k, s in panels], fontsize=7)
+                 [_short_label(k, s, problem) for k, s in panels], fontsize=7)
     a.set_ylabel("test relative L2 (mean of seeds, std bars)")
     a.legend(fontsize=8)
     a.set_title(f"{problem}: test error per training setting")
