@@ -41,7 +41,8 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     # NS, both noise levels and IFNO with noise, on top of the runs recorded in the repo (fno_deq_ns.json)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise 0.001,0.004 --ifno-noisy \\
         --reuse experiments/results/fno_deq_ns.json
-    # NS clean, 24 epochs, with the paper's loss and no spectral bias (fno_deq_ns_24ep_clean_paper_match.json)
+    # NS clean, 24 epochs, with the paper's loss, no spectral bias and its normaliser (fno_deq_ns_24ep_clean_
+    # paper_match.json ran before --paper-match set the normaliser on NS: it kept the per-channel one)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise '' --ns-epochs 24 \\
         --paper-match --loss-reduction sum
 """
@@ -183,8 +184,8 @@ def plan(args) -> list[dict]:
         else:  # the paper: lr 5e-3 constant, instance norm (normalize=True), periodic data (no padding)
             common.update(lr=5e-3, scheduler="constant", padding=0.0, norm="instance_norm",
                           subsample=1 if args.small else args.ns_subsample)
-            if args.paper_match:  # the paper's spectral convolutions (its NS normaliser, a fixed scale, is not matched)
-                common.update(spectral_bias=False)
+            if args.paper_match:  # the paper's spectral convolutions and its NS normaliser (a scale, mean 0)
+                common.update(spectral_bias=False, normalizer="scale")
         models = model_overrides("darcy" if darcy else "ns", args.small, epochs, -(-ntrain // batch))
         models = _subset(models, args.models, "--models")
         if args.solver_graph and "fno-deq" in models:
@@ -545,9 +546,10 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
                 "exact implicit gradient (paper: phantom)" if args.paper_match else
                 "per-channel normalisation (paper: pointwise)")
     else:
-        norm = "per-channel normalisation (paper: a fixed per-dataset scale); " + (
-            "spectral convolutions without bias (the paper's)" if args.paper_match else
-            "neuraloperator's spectral convolutions with bias (paper: none)")
+        norm = ("the paper's normaliser (mean 0, one scale per field from the clean training set; the paper's is "
+                "fixed per data set) and spectral convolutions without bias" if args.paper_match else
+                "per-channel normalisation (paper: a fixed per-dataset scale with mean 0); neuraloperator's spectral "
+                "convolutions with bias (paper: none)")
     common = ("Every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; " + norm + "; "
               "FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 steps). Runs train concurrently on "
               "one GPU, so epoch times are concurrent times. ")
@@ -651,8 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the models (fno-d4, fno++-d4, ifno, fno-deq; default all)")
     p.add_argument("--paper-match", action="store_true",
                    help="Darcy: the configs' current settings (the paper's pointwise normaliser, no spectral bias; "
-                        "FNO-DEQ with the exact gradient, adjoint tolerance 1e-4); NS: no spectral bias (with "
-                        "--loss-reduction sum, the paper's loss too); default: the earlier settings")
+                        "FNO-DEQ with the exact gradient, adjoint tolerance 1e-4); NS: no spectral bias and the "
+                        "paper's normaliser (mean 0, a scale per field; with --loss-reduction sum, the paper's loss "
+                        "too); default: the earlier settings")
     p.add_argument("--solver-graph", action="store_true",
                    help="FNO-DEQ's forward solve replayed as a CUDA graph (same results, ~1.14x faster epochs)")
     p.add_argument("--ns-epochs", type=int, default=6, help="Navier-Stokes epochs of every model")

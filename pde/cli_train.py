@@ -57,7 +57,8 @@ _FLAGS = {
     "--lr": ("lr", float, "learning rate"),
     "--weight-decay": ("weight_decay", float, "Adam weight decay"),
     "--loss-reduction": ("loss_reduction", str, "mean | sum of the relative L2 over the batch (the paper's code: sum)"),
-    "--normalizer": ("normalizer", str, "channel | pointwise (per grid point, the FNO papers')"),
+    "--normalizer": ("normalizer", str, "channel | pointwise (per grid point, the FNO papers') | "
+                                        "scale (mean 0, fitted on clean data: the paper's NS)"),
     "--scheduler": ("scheduler", str, "cosine | step | constant"),
     "--step-size": ("step_size", int, "scheduler=step: epochs between decays"),
     "--gamma": ("gamma", float, "scheduler=step: decay factor"),

@@ -380,10 +380,14 @@ class ChannelNormalizer(torch.nn.Module):
         self.register_buffer("std", torch.ones(channels))
 
     @torch.no_grad()
-    def fit(self, x: Tensor) -> "ChannelNormalizer":
-        """Statistics of ``x`` ``(N, C, s, s)`` over all but the channel dimension."""
+    def fit(self, x: Tensor, center: bool = True) -> "ChannelNormalizer":
+        """Statistics of ``x`` ``(N, C, s, s)`` over all but the channel dimension; ``center=False`` keeps the
+        mean at zero and only divides by the std (the FNO-DEQ paper's Navier-Stokes scaling)."""
         dims = [d for d in range(x.dim()) if d != x.dim() - 3]
-        self.mean.copy_(x.double().mean(dim=dims).to(self.mean))
+        if center:
+            self.mean.copy_(x.double().mean(dim=dims).to(self.mean))
+        else:
+            self.mean.zero_()
         self.std.copy_(x.double().std(dim=dims).to(self.std))
         return self
 
@@ -441,13 +445,14 @@ class PointwiseNormalizer(torch.nn.Module):
         return x * (std + self.eps) + mean
 
 
-NORMALIZERS = ("channel", "pointwise")
+NORMALIZERS = ("channel", "pointwise", "scale")
 
 
 def fit_normalizer(kind: str, x: Tensor) -> ChannelNormalizer | PointwiseNormalizer:
-    """A normaliser of ``kind`` (``"channel"`` or ``"pointwise"``) fitted on ``x`` ``(N, C, s, s)``."""
-    if kind == "channel":
-        return ChannelNormalizer(x.shape[1]).fit(x)
+    """A normaliser of ``kind`` fitted on ``x`` ``(N, C, s, s)``: ``"channel"`` (mean and std per channel),
+    ``"pointwise"`` (per channel and grid point) or ``"scale"`` (mean zero, std per channel)."""
+    if kind in ("channel", "scale"):
+        return ChannelNormalizer(x.shape[1]).fit(x, center=kind == "channel")
     if kind == "pointwise":
         return PointwiseNormalizer(x.shape[1], x.shape[2:]).fit(x)
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {kind!r}")

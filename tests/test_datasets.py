@@ -237,6 +237,26 @@ def test_rejected_draws_are_counted_and_skipped(tmp_path, monkeypatch):
         assert f.attrs["n_rejected"] == 4 and f.attrs["n_drawn"] == 9
 
 
+def test_scale_normalizer_divides_by_the_std_per_channel_without_centring():
+    """``"scale"`` (the FNO-DEQ paper's Navier-Stokes scaling): ``x / std_c`` with the mean left at zero, so a
+    field with a non-zero mean keeps it (scaled); ``"channel"`` centres it. Both invert and reload alike."""
+    from pde.datasets import ChannelNormalizer, fit_normalizer, normalizer_like
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2, 8, 8, generator=g) * torch.tensor([2.0, 0.5])[:, None, None] + torch.tensor([3.0, -1.0])[
+        :, None, None]
+    n = fit_normalizer("scale", x)
+    assert isinstance(n, ChannelNormalizer) and torch.equal(n.mean, torch.zeros(2))
+    std = x.double().std(dim=(0, 2, 3)).float()
+    torch.testing.assert_close(n.encode(x), x / std[:, None, None], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(n.encode(x).mean(dim=(0, 2, 3)), (x.mean(dim=(0, 2, 3)) / std))
+    assert fit_normalizer("channel", x).encode(x).mean().abs() < 1e-5
+    torch.testing.assert_close(n.decode(n.encode(x)), x, atol=1e-5, rtol=1e-5)
+    loaded = normalizer_like(n.mean)
+    loaded.load_state_dict(n.state_dict())
+    torch.testing.assert_close(loaded.encode(x), n.encode(x))
+
+
 def test_pointwise_normalizer_round_trips_and_resamples_its_statistics():
     """Per-point statistics: encode/decode invert each other, the encoded training set has zero mean and unit
     std at every point, and on a coarser grid of the same domain (every other point) the statistics are

@@ -316,8 +316,8 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     assert all("normalizer" not in j["config"] for j in everything)  # the earlier settings by default
     ns = ["--small", "--problems", "ns", "--device", "cpu", "--out", str(tmp_path)]
     ns_matched = [j for j in mod.plan(mod.build_parser().parse_args(ns + ["--paper-match"])) if j["kind"] == "train"]
-    assert ns_matched and all(j["config"]["spectral_bias"] is False and "normalizer" not in j["config"]
-                              and j["config"].get("backward") != "ift" for j in ns_matched)  # NS: no bias only
+    assert ns_matched and all(j["config"]["spectral_bias"] is False and j["config"]["normalizer"] == "scale"
+                              and j["config"].get("backward") != "ift" for j in ns_matched)  # NS: phantom kept
     assert all("spectral_bias" not in j["config"]
                for j in mod.plan(mod.build_parser().parse_args(ns)) if j["kind"] == "train")
 

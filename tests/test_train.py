@@ -264,6 +264,21 @@ def test_training_noise_goes_on_the_raw_training_field(darcy, tmp_path):
     assert torch.equal(noisy["y_normalizer.std"], clean["y_normalizer.std"])
 
 
+def test_scale_normalizer_is_fitted_on_the_clean_training_fields(darcy, tmp_path):
+    # normalizer="scale" stands for the paper's fixed Navier-Stokes statistics: mean 0 and the std of the clean
+    # data, whatever noise the training fields get (the default normaliser sees the noise: test above)
+    kw = dict(model="fno", depth=1, epochs=1, normalizer="scale", noise_level=1.0)
+    state = torch.load(train(_cfg(darcy, tmp_path / "s", **kw), progress=False, log=lambda m: None)["checkpoint"],
+                       weights_only=True)["model"]
+    f = h5py.File(darcy, "r")
+    x_raw, y_raw = torch.as_tensor(f["coefficient"][()]), torch.as_tensor(f["solution"][()])
+    noise = add_observation_noise(x_raw[:, None], 1.0, seed=0)[:, 0] - x_raw
+    assert (x_raw + noise).std().item() != pytest.approx(x_raw.std().item(), rel=1e-3)
+    assert state["x_normalizer.std"].item() == pytest.approx(x_raw.std().item(), rel=1e-4)
+    assert state["y_normalizer.std"].item() == pytest.approx(y_raw.std().item(), rel=1e-4)
+    assert state["x_normalizer.mean"].item() == 0.0 and state["y_normalizer.mean"].item() == 0.0
+
+
 def test_deadline_stops_at_an_epoch_boundary_and_resumes(darcy, tmp_path):
     import time
 
