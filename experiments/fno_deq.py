@@ -21,6 +21,7 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   files are written with the epochs actually run (``epochs_done``). Re-running the same command on
   the same ``--out`` resumes every run from its checkpoint (same ``--epochs``: the cosine schedule
   depends on it) and skips finished ones, so a second command completes a cut run, or adds seeds.
+  ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
 - Memory: FNO-DEQ's peak training memory at 8, 16, 32, 48 solver iterations against IFNO unrolled
   to the same depths (one process of its own).
 
@@ -437,7 +438,19 @@ def _agg(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def record_command(out: Path, seconds: float) -> list[float]:
+    """Append one command's duration to ``<out>/commands.json``: a run resumed over several commands reports
+    their sum as its wall-clock time, not only the last command's."""
+    path = out / "commands.json"
+    times = json.loads(path.read_text()) if path.is_file() else []
+    times.append(seconds)
+    _dump(path, times)
+    return times
+
+
 def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
+    """Write the results files from the finished jobs; wall-clock time: the commands ``record_command`` logged
+    on ``args.out`` (this one's since ``t_start`` where none did)."""
     import torch
 
     from implicit.results import target, write_results
@@ -449,6 +462,8 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         if p.is_file():
             results[j["id"]] = json.loads(p.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    commands = out / "commands.json"
+    command_s = json.loads(commands.read_text()) if commands.is_file() else [time.time() - t_start]
     paths = []
     for problem in ("darcy", "ns"):
         keys = sorted({j["data"] for j in jobs if j["kind"] == "train" and (j["data"] == "darcy") == (problem == "darcy")})
@@ -524,11 +539,11 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                   "runs_finished": f"{n_done}/{len(train_jobs)}",
                   "models": {j["model"]: {k: v for k, v in j["config"].items() if k not in ("out", "seed", "data")}
                              for j in train_jobs if j["setting"] == "clean"},
-                  "paper_test_rel_l2": PAPER.get(problem)}
+                  "paper_test_rel_l2": PAPER.get(problem), "command_wall_clock_s": command_s}
         metrics = {"accuracy": accuracy, "memory_vs_iterations": memory, "runs": runs}
         name = "fno_deq_" + problem + ("_small" if args.small else "")
         paths.append(write_results(name, config=config, metrics=metrics, targets=targets, device=device,
-                                   wall_clock_s=time.time() - t_start, out_dir=out))
+                                   wall_clock_s=sum(command_s), out_dir=out))
         _plot(accuracy, memory, out / f"{name}.png", problem)
         print(f"wrote {paths[-1]}  ({n_done}/{len(train_jobs)} runs finished all epochs)")
         for k, v in targets.items():
@@ -623,7 +638,8 @@ def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None
         b.set_xlabel("epoch")
         b.set_ylabel("test relative L2 (clean, first seed)")
         b.set_yscale("log")
-        b.legend(fontsize=7)
+        if b.lines:  # runs reused from files that predate the curves have none
+            b.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -695,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(j['kind'] == 'train' for j in jobs)} trainings, {args.jobs} at once, budget {args.budget_s:.0f} s, "
           f"out {args.out}", flush=True)
     run_jobs(jobs, args, deadline)
+    record_command(Path(args.out), time.time() - t_start)
     collect(args, jobs, t_start)
     print(f"total {time.time() - t_start:.0f} s")
     return 0

@@ -293,6 +293,28 @@ def test_fno_deq_experiment_reports_ifno_last_step_beside_fno_deq_solve(tmp_path
     assert "test_solver_rel_residual" not in cells["target-noise-0.004"]["ifno"]  # seed 1 has no record
 
 
+def test_fno_deq_experiment_wall_clock_sums_the_resumed_commands(tmp_path):
+    """A run finished over several commands on one ``--out`` reports the sum of their durations (a final
+    command that only finds finished runs would otherwise report its own second)."""
+    import json
+
+    mod = _experiment("fno_deq")
+    args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--out", str(tmp_path),
+                                          "--ns-viscosities", "0.01"])
+    (tmp_path / "jobs").mkdir()
+    jid = "train-ns-nu0.01-clean-fno-d4-s0"
+    jobs = [{"id": jid, "kind": "train", "data": "ns-nu0.01", "setting": "clean", "model": "fno-d4", "seed": 0,
+             "config": {"epochs": 2}}]
+    (tmp_path / "jobs" / f"{jid}.json").write_text(json.dumps(
+        {"seed": 0, "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2, "epoch_time_s": 1.0, "model": "fno-d4"}))
+    assert mod.record_command(tmp_path, 500.0) == [500.0]
+    assert mod.record_command(tmp_path, 2.0) == [500.0, 2.0]
+    mod.collect(args, jobs, t_start=1e12)
+    written = json.loads((tmp_path / "fno_deq_ns.json").read_text())
+    assert written["wall_clock_s"] == pytest.approx(502.0)
+    assert written["config"]["command_wall_clock_s"] == [500.0, 2.0]
+
+
 def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
