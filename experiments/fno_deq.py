@@ -269,7 +269,8 @@ def _train_worker(spec: dict, result_path: Path) -> int:
         ev = evaluate(s["checkpoint"], test_file, subsample=cfg.subsample, device=cfg.device)
         res["test_rel_l2"] = ev["rel_l2_mean"]
         if "solver" in ev:
-            res.update(test_solver_iters=ev["solver"]["n_iter_mean"], test_solver_residual=ev["solver"]["residual_mean"],
+            res.update(test_solver_iters=ev["solver"]["n_iter_mean"],
+                       test_solver_residual=ev["solver"]["residual_mean"],
                        test_solver_rel_residual=ev["solver"]["rel_residual_mean"])
     res["peak_memory_bytes"] = s.get("peak_memory_bytes") if s["epochs_done"] > len(previous.get(
         "train_rel_l2_per_epoch", [])) else previous.get("peak_memory_bytes")
@@ -466,7 +467,8 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     command_s = json.loads(commands.read_text()) if commands.is_file() else [time.time() - t_start]
     paths = []
     for problem in ("darcy", "ns"):
-        keys = sorted({j["data"] for j in jobs if j["kind"] == "train" and (j["data"] == "darcy") == (problem == "darcy")})
+        keys = sorted({j["data"] for j in jobs
+                       if j["kind"] == "train" and (j["data"] == "darcy") == (problem == "darcy")})
         if not keys:
             continue
         accuracy: dict = {}
@@ -571,8 +573,8 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
     if problem == "darcy":
         models = args.models.replace(",", ", ") if args.models else "fno-d4, fno++-d4, ifno (12 unrolled), fno-deq"
         return (f"REDUCED protocol: {args.epochs} epochs (paper: 500), seeds {args.seeds} (paper: 3), models {models} "
-                "(paper also depth 1, 2); lr 1e-3 cosine per step; no norm "
-                "(paper's Darcy runs). Data: this package's darcy-85 recipe (1024 train / 500 test), not the .mat files. "
+                "(paper also depth 1, 2); lr 1e-3 cosine per step; no norm (paper's Darcy runs). "
+                "Data: this package's darcy-85 recipe (1024 train / 500 test), not the .mat files. "
                 "Noise: variances {0, 1e-9, ..., 1e-3}, one chunk of the training set each, on the raw coefficient "
                 "(values 3/12: the paper's protocol, a small perturbation) or the raw solution; clean test data. "
                 + common + f"{n_done}/{n_all} runs finished all epochs; the others report epochs_done.")
@@ -680,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ns-train", type=int, default=1000, help="NS training samples (paper: 4500)")
     p.add_argument("--ns-test", type=int, default=200, help="NS test samples (paper: 500)")
     p.add_argument("--ns-subsample", type=int, default=2, help="NS grid stride on the 128 grid (paper: 128, i.e. 1)")
-    p.add_argument("--ifno-noisy", action="store_true", help="train IFNO on the noisy settings too (default: clean only)")
+    p.add_argument("--ifno-noisy", action="store_true",
+                   help="train IFNO on the noisy settings too (default: clean only)")
     p.add_argument("--ns-noise", default="0.004", help="NS maximum noise variances (paper: 0.001,0.004)")
     p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
                    help="take the finished runs a results file records instead of training them again")
