@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from experiment_scripts import load_experiment
 
 from pde.models import FNODEQ, IFNO, available_models, build_model, cast_model, count_parameters
 
@@ -114,17 +115,6 @@ def test_paper_sizes():
     n_deq = count_parameters(build_model("fno-deq"))
     n_fno4 = count_parameters(build_model("fno", depth=4))
     assert 2.3e6 < n_deq < 2.8e6 and 7.5e6 < n_fno4 < 8.6e6
-
-
-def _experiment(name: str):
-    """The script ``experiments/<name>.py`` loaded as a module (the experiments are not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -239,7 +229,7 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     or over an existing result."""
     import json
 
-    mod = _experiment("fno_deq")
+    mod = load_experiment("fno_deq")
     jobs = [{"id": f"train-{s}", "kind": "train", "config": {"epochs": 6, "loss_reduction": "mean", "out": s}}
             for s in ("a", "b", "c", "d", "e", "f")]
     jobs[5]["config"]["loss_reduction"] = "sum"
@@ -267,7 +257,7 @@ def test_fno_deq_experiment_reports_ifno_last_step_beside_fno_deq_solve(tmp_path
     step of IFNO, left out where a run predates the record (a reused run), never for FNO."""
     import json
 
-    mod = _experiment("fno_deq")
+    mod = load_experiment("fno_deq")
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--out", str(tmp_path),
                                           "--ns-viscosities", "0.01"])
     (tmp_path / "jobs").mkdir()
@@ -298,7 +288,7 @@ def test_fno_deq_experiment_wall_clock_sums_the_resumed_commands(tmp_path):
     command that only finds finished runs would otherwise report its own second)."""
     import json
 
-    mod = _experiment("fno_deq")
+    mod = load_experiment("fno_deq")
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--out", str(tmp_path),
                                           "--ns-viscosities", "0.01"])
     (tmp_path / "jobs").mkdir()
@@ -318,9 +308,9 @@ def test_fno_deq_experiment_wall_clock_sums_the_resumed_commands(tmp_path):
 def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
-    (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: the spectral bias only)."""
+    (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: normaliser and spectral bias)."""
 
-    mod = _experiment("fno_deq")
+    mod = load_experiment("fno_deq")
     base = ["--small", "--problems", "darcy", "--device", "cpu", "--out", str(tmp_path)]
     trains = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-deq,fno++-d4"]))
               if j["kind"] == "train"]
@@ -392,7 +382,7 @@ def test_darcy_variants_experiment_trains_each_variant_with_its_settings(tmp_pat
     ratios are to the FNO++ run of the same process with the same settings."""
     import json
 
-    mod = _experiment("fno_deq_darcy_variants")
+    mod = load_experiment("fno_deq_darcy_variants")
     variants = "fno++,phantom-1,ift,fno++-paper,ift-paper"
     assert mod.main(["--small", "--epochs", "1", "--variants", variants, "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "fno_deq_darcy_backward_small.json").read_text())["metrics"]
@@ -424,7 +414,7 @@ def test_darcy_variants_experiment_runs_seeds_in_processes_and_resumes(tmp_path)
     runs writes no results and exits 3, and ``--resume`` then finishes them."""
     import json
 
-    mod = _experiment("fno_deq_darcy_variants")
+    mod = load_experiment("fno_deq_darcy_variants")
     base = ["--small", "--epochs", "1", "--variants", "fno++,ift", "--tag", "t"]
     sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
     assert mod.main([*base, "--seed", "0,1", "--out", str(sequential)]) == 0
@@ -462,7 +452,7 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     import json
     import statistics
 
-    mod = _experiment("fno_deq_darcy_summary")
+    mod = load_experiment("fno_deq_darcy_summary")
 
     def write(name, seed, runs, noise=None, epochs=64, **extra):
         config = {"epochs": epochs, "seed": seed, "noise": noise or "clean training data", **extra}

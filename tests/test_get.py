@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from experiment_scripts import load_experiment
 
 from implicit.get.model import GET, GETConfig, build_model, count_params
 from implicit.get.train import TrainConfig, distill_loss, load_generator, train
@@ -277,19 +278,8 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     assert torch.allclose(ya, yb, atol=1e-4), (ya - yb).abs().max()
 
 
-def _get_distill_experiment():
-    """``experiments/get_distill.py`` as a module (experiments are scripts, not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "get_distill.py"
-    spec = importlib.util.spec_from_file_location("get_distill_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_experiment_trains_every_student_for_the_same_steps(tmp_path):
-    mod = _get_distill_experiment()
+    mod = load_experiment("get_distill")
     for p in (mod.FULL, mod.SMALL):
         assert "student_minutes" not in p  # no wall-clock cap that would cut one student short
         cfgs = mod.student_configs(p, tmp_path / "pairs.h5", tmp_path, torch.device("cpu"))
@@ -331,7 +321,7 @@ def test_cluster_labels_separate_distinct_fields():
 
 def test_experiment_pde_teacher_data(tmp_path):
     """--data darcy: the package's own Darcy solutions, as teacher images with cluster labels for FD-own."""
-    mod = _get_distill_experiment()
+    mod = load_experiment("get_distill")
     data, real, labels, description = mod.training_images("darcy", tmp_path, torch.device("cpu"), small=True)
     assert Path(data).is_file() and real.shape == (32, 1, 32, 32) and labels.shape == (32,)
     assert real.min() >= -1 and real.max() <= 1 and len(set(labels.tolist())) == 10
