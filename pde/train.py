@@ -337,14 +337,15 @@ def _resolve_device(name: str, local_rank: int | None) -> torch.device:
     return dev
 
 
-def _distributed() -> tuple[int, int, int | None]:
-    """``(rank, world_size, local_rank)``; initialises the process group under torchrun."""
+def _distributed(device: str) -> tuple[int, int, int | None]:
+    """``(rank, world_size, local_rank)``; initialises the process group under torchrun: NCCL where the
+    training runs on CUDA, gloo otherwise (``--device cpu`` on a GPU machine included, which NCCL rejects)."""
     import torch.distributed as dist
 
     if not dist.is_available():
         return 0, 1, None
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return 0, 1, None
@@ -430,7 +431,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     included), so the checkpoint holds whole epochs and a later call resumes. The summary's
     ``stopped_early`` says whether it stopped before ``epochs``.
     """
-    rank, world, local_rank = _distributed()
+    rank, world, local_rank = _distributed(cfg.device)
     main = rank == 0
     say = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
     device = _resolve_device(cfg.device, local_rank)

@@ -290,6 +290,26 @@ def test_deadline_stops_at_an_epoch_boundary_and_resumes(darcy, tmp_path):
     assert s["epochs_done"] == 3 and not s["stopped_early"] and len(s["history"]) == 3
 
 
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
+def test_process_group_backend_follows_the_training_device(monkeypatch, device, backend):
+    """Under torchrun on a GPU machine, ``--device cpu`` trains with gloo (NCCL rejects CPU tensors; this
+    failed the DDP experiment's ``--small`` run on an H100); CUDA training uses NCCL."""
+    import torch.distributed as dist
+
+    from pde import train as train_module
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(chosen))
+    monkeypatch.setattr(dist, "init_process_group", lambda b: chosen.append(b))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train_module._distributed(device) == (1, 2, 1)
+    assert chosen == [backend]
+
+
 def test_ddp_throughput_experiment_runs_one_and_two_processes(tmp_path):
     """``experiments/fno_deq_ddp.py --small``: one run per process count (torchrun, gloo), global batch scaled
     with the processes, throughput from the epoch times, the two-GPU target in the results file."""
