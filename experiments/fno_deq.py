@@ -597,26 +597,26 @@ def _short_label(data_key: str, setting: str, problem: str) -> str:
     return f"nu={data_key.removeprefix('ns-nu')}\n{label}" if problem == "ns" else label
 
 
-def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None:
+MODEL_COLORS = {"fno-d4": "C0", "fno++-d4": "C1", "ifno": "C2", "fno-deq": "C3"}  # the same in both panels
+
+
+def _figure(accuracy: dict, memory: dict | None, problem: str):
+    """Left: test error per setting, one bar per model that ran (mean of seeds, std bars). Right: Darcy's
+    training memory against depth, or the clean runs' test-error curves (mean of seeds; one line style per
+    viscosity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(k, s) for k in accuracy for s in accuracy[k]]
-    fig, axes = plt.subplots(1, 2, figsize=(max(13, 4 + 1.1 * len(panels)), 4.2))
-    a, b = axes
-    names = ["fno-d4", "fno++-d4", "ifno", "fno-deq"]
-    w = 0.8 / len(names)
+    names = [n for n in MODEL_COLORS if any(n in accuracy[k][s] for k, s in panels)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(13, 4 + 1.1 * len(panels)), 4.2))
+    w = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
-        xs, ys, es = [], [], []
-        for jx, (k, s) in enumerate(panels):
-            c = accuracy[k][s].get(n)
-            if c:
-                xs.append(jx + i * w)
-                ys.append(c["test_rel_l2"]["mean"])
-                es.append(c["test_rel_l2"]["std"])
-        a.bar(xs, ys, yerr=es, width=w, label=n)
+        cells = [(jx, accuracy[k][s][n]["test_rel_l2"]) for jx, (k, s) in enumerate(panels) if n in accuracy[k][s]]
+        a.bar([jx + i * w for jx, _ in cells], [c["mean"] for _, c in cells], yerr=[c["std"] for _, c in cells],
+              width=w, label=n, color=MODEL_COLORS[n])
     a.set_xticks([j + 0.4 - w / 2 for j in range(len(panels))],
                  [_short_label(k, s, problem) for k, s in panels], fontsize=7)
     a.set_ylabel("test relative L2 (mean of seeds, std bars)")
@@ -624,25 +624,33 @@ def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None
     a.set_title(f"{problem}: test error per training setting")
     if memory and memory.get("fno-deq") and memory["fno-deq"][0] is not None:
         for n in ("fno-deq", "ifno"):
-            b.plot(memory["iterations"], [m / 2**20 for m in memory[n]], "o-", label=n)
+            b.plot(memory["iterations"], [m / 2**20 for m in memory[n]], "o-", label=n, color=MODEL_COLORS[n])
         b.set_xlabel("solver iterations (FNO-DEQ) / unrolled depth (IFNO)")
         b.set_ylabel(f"peak training memory (MiB, batch {memory['batch']})")
         b.legend()
         b.set_title("Training memory vs depth")
     else:
-        curves = [(k, s, n, c) for k in accuracy for s in accuracy[k] for n, c in accuracy[k][s].items()
-                  if s == "clean"]
-        for k, s, n, c in curves:
-            for r in c["runs"][:1]:
-                if r.get("test_rel_l2_curve"):
-                    ep, v = zip(*r["test_rel_l2_curve"])
-                    b.plot(ep, v, "o-", label=f"{k} {n}")
+        for style, k in zip(("o-", "s--", "^:"), accuracy):
+            for n in names:
+                curves = [dict(r["test_rel_l2_curve"]) for r in accuracy[k].get("clean", {}).get(n, {}).get("runs", [])
+                          if r.get("test_rel_l2_curve")]
+                epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if epochs:  # runs reused from files that predate the curves have none
+                    b.plot(epochs, [statistics.fmean(c[e] for c in curves) for e in epochs], style,
+                           color=MODEL_COLORS[n], label=f"{k} {n}")
         b.set_xlabel("epoch")
-        b.set_ylabel("test relative L2 (clean, first seed)")
+        b.set_ylabel("test relative L2 (clean, mean of seeds)")
         b.set_yscale("log")
-        if b.lines:  # runs reused from files that predate the curves have none
+        if b.lines:
             b.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(accuracy, memory, problem)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

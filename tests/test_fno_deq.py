@@ -334,6 +334,37 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
                for j in mod.plan(mod.build_parser().parse_args(ns)) if j["kind"] == "train")
 
 
+def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_each():
+    """The NS figure of a ``--models`` subset has no legend entry for a model without runs, each model keeps
+    its colour in both panels, and the curves are the mean over seeds at the epochs every seed evaluated."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    mod = load_experiment("fno_deq")
+
+    def cell(curves):
+        runs = [{"test_rel_l2_curve": c} for c in curves]
+        vals = [c[-1][1] for c in curves]
+        return {"runs": runs, "test_rel_l2": {"mean": sum(vals) / len(vals), "std": 0.01}}
+
+    accuracy = {"ns-nu0.01": {
+        "clean": {"fno-d4": cell([[[6, 0.4], [12, 0.2]], [[6, 0.2], [12, 0.1]]]),
+                  "fno-deq": cell([[[6, 0.3], [12, 0.1]], [[6, 0.1], [12, 0.05]]])},
+        "input-noise-0.001": {"fno-d4": cell([[[12, 0.3]]]), "fno-deq": cell([[[12, 0.2]]])}}}
+    fig = mod._figure(accuracy, None, "ns")
+    bars, curves = fig.axes
+    legend = [t.get_text() for t in bars.get_legend().get_texts()]
+    assert legend == ["fno-d4", "fno-deq"]
+    bar_colour = {c.get_label(): mcolors.to_hex(c.patches[0].get_facecolor()) for c in bars.containers
+                  if isinstance(c, BarContainer)}
+    lines = {ln.get_label().split()[-1]: ln for ln in curves.lines}
+    assert {n: mcolors.to_hex(ln.get_color()) for n, ln in lines.items()} == bar_colour
+    assert bar_colour["fno-d4"] != bar_colour["fno-deq"]
+    assert list(lines["fno-deq"].get_ydata()) == pytest.approx([0.2, 0.075])
+    plt.close(fig)
+
+
 def test_solver_graph_option_reaches_the_deq():
     """``solver_graph = true`` (TOML or ``--solver-graph``) turns on the backend's CUDA-graph solve of
     FNO-DEQ (a no-op on the CPU, checked on the GPU by tests/test_cuda_graphs.py)."""
