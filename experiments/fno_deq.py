@@ -22,6 +22,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   the same ``--out`` resumes every run from its checkpoint (same ``--epochs``: the cosine schedule
   depends on it) and skips finished ones, so a second command completes a cut run, or adds seeds.
   ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
+- Several machines: each run's job file records the device, torch and commit it trained with. Gather
+  the ``jobs/*.json`` of several ``--out`` folders into one and ``--collect-only`` writes the results
+  files from them, naming the machines the runs trained on, not the one that collected them.
 - Memory: FNO-DEQ's peak training memory at 8, 16, 32, 48 solver iterations against IFNO unrolled
   to the same depths (one process of its own).
 
@@ -46,6 +49,12 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     # paper_match.json ran before --paper-match set the normaliser on NS: it kept the per-channel one)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise '' --ns-epochs 24 \\
         --paper-match --loss-reduction sum
+    # NS nu=0.01, 48 epochs, split over two machines, then merged (fno_deq_ns_48ep_nu0.01.json)
+    python experiments/fno_deq.py --out A --problems ns --ns-seeds 0,1,2 --ns-noise 0.001 --ns-epochs 48 \\
+        --ns-viscosities 0.01 --models fno-deq,fno-d4,fno++-d4          # machine 1 (resume until done)
+    python experiments/fno_deq.py --out B ... --ns-noise 0.004 --reuse A/fno_deq_ns.json --jobs 16   # machine 2
+    cp A/jobs/*.json B/jobs/*.json M/jobs/ && python experiments/fno_deq.py --out M ... --ns-noise 0.001,0.004 \\
+        --collect-only
 """
 
 from __future__ import annotations
@@ -235,6 +244,7 @@ def _worker(spec_path: str) -> int:
 
 
 def _train_worker(spec: dict, result_path: Path) -> int:
+    from implicit.results import run_environment
     from pde.train import TrainConfig, evaluate, load_split, train
 
     cfg_d = dict(spec["config"])
@@ -250,7 +260,8 @@ def _train_worker(spec: dict, result_path: Path) -> int:
     hist = s["history"]
     res = {k: spec[k] for k in ("data", "setting", "model", "seed")}
     res.update(epochs=cfg.epochs, epochs_done=s["epochs_done"], parameters=s["parameters"],
-               noise_scale=cfg.noise_scale, config=cfg_d, wall_clock_s=wall + previous.get("wall_clock_s", 0.0))
+               noise_scale=cfg.noise_scale, config=cfg_d, wall_clock_s=wall + previous.get("wall_clock_s", 0.0),
+               **run_environment(None if cfg.device == "auto" else cfg.device))
     if not hist:
         _dump(result_path, res)
         return 0
@@ -449,6 +460,17 @@ def record_command(out: Path, seconds: float) -> list[float]:
     return times
 
 
+def trained_on(runs: list[dict | None]) -> dict[str, str] | None:
+    """Device, torch and commit of the runs that recorded them (each value joined with " + " where runs
+    differ), so a results file collected on another machine names where its runs trained; None where no run
+    recorded them (runs that predate the record, or reused from older files), and the collecting process
+    is named instead."""
+    recorded = [r for r in runs if r and "device" in r]
+    if not recorded:
+        return None
+    return {k: " + ".join(sorted({str(r.get(k)) for r in recorded})) for k in ("device", "torch", "commit")}
+
+
 def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     """Write the results files from the finished jobs; wall-clock time: the commands ``record_command`` logged
     on ``args.out`` (this one's since ``t_start`` where none did)."""
@@ -464,7 +486,9 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
             results[j["id"]] = json.loads(p.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     commands = out / "commands.json"
-    command_s = json.loads(commands.read_text()) if commands.is_file() else [time.time() - t_start]
+    # --collect-only with no commands.json (job files gathered from elsewhere): no wall-clock time to report
+    command_s = (json.loads(commands.read_text()) if commands.is_file() else
+                 [] if args.collect_only else [time.time() - t_start])
     paths = []
     for problem in ("darcy", "ns"):
         keys = sorted({j["data"] for j in jobs
@@ -545,7 +569,8 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         metrics = {"accuracy": accuracy, "memory_vs_iterations": memory, "runs": runs}
         name = "fno_deq_" + problem + ("_small" if args.small else "")
         paths.append(write_results(name, config=config, metrics=metrics, targets=targets, device=device,
-                                   wall_clock_s=sum(command_s), out_dir=out))
+                                   wall_clock_s=sum(command_s) if command_s else None, out_dir=out,
+                                   measured_on=trained_on([results.get(j["id"]) for j in train_jobs])))
         _plot(accuracy, memory, out / f"{name}.png", problem)
         print(f"wrote {paths[-1]}  ({n_done}/{len(train_jobs)} runs finished all epochs)")
         for k, v in targets.items():
@@ -695,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ns-noise", default="0.004", help="NS maximum noise variances (paper: 0.001,0.004)")
     p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
                    help="take the finished runs a results file records instead of training them again")
+    p.add_argument("--collect-only", action="store_true",
+                   help="write the results files from the runs already in OUT/jobs (e.g. job files gathered there "
+                        "from several machines), training nothing and recording no command")
     return p
 
 
@@ -719,10 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse:
         taken = reuse_runs(args.reuse, jobs, Path(args.out))
         print(f"reused {len(taken)} finished runs from {', '.join(args.reuse)}", flush=True)
-    print(f"{sum(j['kind'] == 'train' for j in jobs)} trainings, {args.jobs} at once, budget {args.budget_s:.0f} s, "
-          f"out {args.out}", flush=True)
-    run_jobs(jobs, args, deadline)
-    record_command(Path(args.out), time.time() - t_start)
+    if not args.collect_only:
+        print(f"{sum(j['kind'] == 'train' for j in jobs)} trainings, {args.jobs} at once, "
+              f"budget {args.budget_s:.0f} s, out {args.out}", flush=True)
+        run_jobs(jobs, args, deadline)
+        record_command(Path(args.out), time.time() - t_start)
     collect(args, jobs, t_start)
     print(f"total {time.time() - t_start:.0f} s")
     return 0

@@ -42,6 +42,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_environment(device: torch.device | str | None = None) -> dict[str, str]:
+    """``{"device", "torch", "commit"}`` of this process: what a worker stores beside numbers that another
+    process may collect into a results file."""
+    return {"device": device_name(device), "torch": torch.__version__, "commit": git_commit()}
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
@@ -79,14 +85,15 @@ def write_results(
     device: torch.device | str | None = None,
     wall_clock_s: float | None = None,
     out_dir: str | Path = "experiments/results",
+    measured_on: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``<out_dir>/<name>.json`` following the results contract in DESIGN.md."""
+    """Write ``<out_dir>/<name>.json`` following the results contract in DESIGN.md. ``measured_on`` (keys of
+    ``run_environment``) names where the numbers were made when that is not this process, e.g. runs trained
+    on GPU machines and collected on a laptop."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = {
         "name": name,
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "commit": git_commit(),
+        **(measured_on or run_environment(dev)),
         "config": config,
         "metrics": metrics,
         "targets": targets or {},

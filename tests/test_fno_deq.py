@@ -334,6 +334,85 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
                for j in mod.plan(mod.build_parser().parse_args(ns)) if j["kind"] == "train")
 
 
+def test_fno_deq_experiment_run_records_where_it_trained(tmp_path):
+    """A training job's result file carries the device, torch version and commit it trained with."""
+    import json
+
+    from implicit.results import run_environment
+    from pde.datasets import generate_split
+
+    recipe = {"name": "darcy-t", "generator": "darcy", "seed": 0, "chunk_size": 8, "store_dtype": "float32",
+              "splits": {"train": 8, "test": 4}, "darcy": {"fine_resolution": 17, "subsample": 2}}
+    for split in ("train", "test"):
+        generate_split(recipe, split, tmp_path, progress=False)
+    config = dict(data=str(tmp_path / "darcy-t_train.h5"), out=str(tmp_path / "run"), model="fno", width=4,
+                  modes=3, depth=1, epochs=1, batch_size=4, plot=False, device="cpu")
+    spec = {"data": "darcy", "setting": "clean", "model": "fno-d4", "seed": 0, "config": config, "deadline": 1e12}
+    mod = load_experiment("fno_deq")
+    assert mod._train_worker(spec, tmp_path / "job.json") == 0
+    run = json.loads((tmp_path / "job.json").read_text())
+    assert run["epochs_done"] == 1
+    assert {k: run[k] for k in ("device", "torch", "commit")} == run_environment("cpu")
+
+
+def _ns_job_files(tmp_path: Path, machines: dict[int, dict | None]) -> tuple[list[dict], Path]:
+    """Finished NS job files, one per seed, recording the given machine (None: a run that predates it)."""
+    import json
+
+    (tmp_path / "jobs").mkdir(parents=True)
+    jobs = []
+    for seed, machine in machines.items():
+        jid = f"train-ns-nu0.01-clean-fno-d4-s{seed}"
+        jobs.append({"id": jid, "kind": "train", "data": "ns-nu0.01", "setting": "clean", "model": "fno-d4",
+                     "seed": seed, "config": {"epochs": 2}})
+        run = {"seed": seed, "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2, "epoch_time_s": 1.0,
+               "model": "fno-d4", **(machine or {})}
+        (tmp_path / "jobs" / f"{jid}.json").write_text(json.dumps(run))
+    return jobs, tmp_path / "fno_deq_ns.json"
+
+
+def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_path):
+    """Collected elsewhere (here: on the CPU), the results file names the runs' devices, torch versions and
+    commits, joined where they differ; with no run recording them, the collecting process."""
+    import json
+
+    from implicit.results import run_environment
+
+    mod = load_experiment("fno_deq")
+    a = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc"}
+    b = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc"}
+    args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01",
+                                          "--ns-seeds", "0,1,2", "--out", str(tmp_path / "m")])
+    jobs, path = _ns_job_files(tmp_path / "m", {0: a, 1: b, 2: None})
+    mod.collect(args, jobs, 0.0)
+    written = json.loads(path.read_text())
+    assert (written["device"], written["torch"], written["commit"]) == (
+        "NVIDIA H100 80GB HBM3 + NVIDIA H200", "2.11.0+cu130", "abc")
+    args.out = str(tmp_path / "old")
+    jobs, path = _ns_job_files(tmp_path / "old", {0: None})
+    mod.collect(args, jobs, 0.0)
+    written = json.loads(path.read_text())
+    assert {k: written[k] for k in ("device", "torch", "commit")} == run_environment("cpu")
+
+
+def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
+    """``--collect-only`` writes the results file from the job files in OUT/jobs: no data generated, no
+    training started (seed 1 has no job file and stays missing), no command recorded, no wall-clock time."""
+    import json
+
+    mod = load_experiment("fno_deq")
+    machine = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc"}
+    _, path = _ns_job_files(tmp_path, {0: machine})
+    argv = ["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01", "--ns-seeds", "0,1", "--ns-epochs", "2",
+            "--ns-noise", "", "--models", "fno-d4", "--out", str(tmp_path), "--collect-only"]
+    assert mod.main(argv) == 0
+    written = json.loads(path.read_text())
+    assert written["device"] == "NVIDIA H100 80GB HBM3"
+    assert written["config"]["runs_finished"] == "1/2" and written["wall_clock_s"] is None
+    assert not (tmp_path / "commands.json").exists() and not (tmp_path / "data").exists()
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["train-ns-nu0.01-clean-fno-d4-s0.json"]
+
+
 def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_each():
     """The NS figure of a ``--models`` subset has no legend entry for a model without runs, each model keeps
     its colour in both panels, and the curves are the mean over seeds at the epochs every seed evaluated."""
