@@ -747,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse:
         taken = reuse_runs(args.reuse, jobs, Path(args.out))
         print(f"reused {len(taken)} finished runs from {', '.join(args.reuse)}", flush=True)
+    if args.collect_only and not any((Path(args.out) / "jobs" / f"{j['id']}.json").is_file() for j in jobs):
+        raise SystemExit(f"--collect-only: none of the {len(jobs)} planned jobs has a result in {args.out}/jobs")
     if not args.collect_only:
         print(f"{sum(j['kind'] == 'train' for j in jobs)} trainings, {args.jobs} at once, "
               f"budget {args.budget_s:.0f} s, out {args.out}", flush=True)

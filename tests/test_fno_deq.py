@@ -411,6 +411,8 @@ def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
     assert written["config"]["runs_finished"] == "1/2" and written["wall_clock_s"] is None
     assert not (tmp_path / "commands.json").exists() and not (tmp_path / "data").exists()
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["train-ns-nu0.01-clean-fno-d4-s0.json"]
+    with pytest.raises(SystemExit, match="none of the"):
+        mod.main([*argv[:-2], str(tmp_path / "empty"), "--collect-only"])
 
 
 def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_each():
