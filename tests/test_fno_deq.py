@@ -603,3 +603,46 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
     write("64ep_again", 1, {"fno++-paper": 0.011})
     with pytest.raises(ValueError, match="seed 1"):
         mod.main(["--results", str(tmp_path)])
+
+
+def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
+    """``experiments/fno_deq_ns_summary.py``: per training length and cell, FNO-DEQ's ratio of means to each
+    baseline, the target, seed-by-seed wins and the std test; errors pooled per viscosity; runs cut by a budget
+    left out; a run that two files record differently is an error."""
+    import json
+
+    mod = load_experiment("fno_deq_ns_summary")
+
+    def results_file(name, epochs, errors, cut=()):
+        accuracy = {"ns-nu0.01": {"clean": {}, "target-noise-0.001": {}}}
+        for (setting, model), values in errors.items():
+            runs = [{"seed": s, "test_rel_l2": v, "epochs": epochs,
+                     "epochs_done": epochs - 1 if (setting, model, s) in cut else epochs} for s, v in enumerate(values)]
+            accuracy["ns-nu0.01"][setting][model] = {"runs": runs}
+        (tmp_path / name).write_text(json.dumps({"config": {"epochs": epochs}, "metrics": {"accuracy": accuracy}}))
+
+    results_file("a.json", 6, {("clean", "fno-deq"): [0.1, 0.3], ("clean", "fno-d4"): [0.2, 0.2],
+                               ("clean", "fno++-d4"): [0.5, 0.5], ("target-noise-0.001", "fno-deq"): [0.4, 0.4],
+                               ("target-noise-0.001", "fno-d4"): [0.3, 0.9],
+                               ("target-noise-0.001", "fno++-d4"): [0.2, 0.2]},
+                 cut={("target-noise-0.001", "fno-d4", 1)})
+    results_file("b.json", 24, {("clean", "fno-deq"): [0.1], ("clean", "fno-d4"): [0.3], ("clean", "fno++-d4"): [0.2]})
+    assert mod.main(["--results", str(tmp_path), "--files", "a.json,b.json"]) == 0
+    summary = json.loads((tmp_path / "fno_deq_ns_summary.json").read_text())["metrics"]
+    clean = summary["6"]["cells"]["ns-nu0.01"]["clean"]
+    assert clean["fno-d4"] == {"ratio_of_means": pytest.approx(1.0), "met": False, "seed_wins": 1,
+                               "seeds_compared": 2, "lead_above_larger_std": False}
+    assert clean["fno++-d4"]["met"] and clean["fno++-d4"]["lead_above_larger_std"]
+    noisy = summary["6"]["cells"]["ns-nu0.01"]["target-noise-0.001"]
+    assert noisy["test_rel_l2"]["fno-d4"]["values"] == [0.3]  # seed 1 was cut
+    assert noisy["fno-d4"]["seeds_compared"] == 1 and noisy["fno-d4"]["seed_wins"] == 0
+    assert summary["6"]["totals"] == {"met": 1, "comparisons": 4, "seed_wins": 3, "seed_comparisons": 7,
+                                      "lead_above_larger_std": 1}
+    assert summary["6"]["pooled"]["ns-nu0.01"]["fno-deq"]["mean"] == pytest.approx(0.3)
+    assert summary["24"]["totals"]["met"] == 2
+    assert (tmp_path / "fno_deq_ns_summary.png").stat().st_size > 0
+    results_file("c.json", 24, {("clean", "fno-deq"): [0.15]})
+    with pytest.raises(ValueError, match="seed 0"):
+        mod.main(["--results", str(tmp_path), "--files", "b.json,c.json"])
+    with pytest.raises(SystemExit):
+        mod.main(["--results", str(tmp_path), "--files", "missing.json"])

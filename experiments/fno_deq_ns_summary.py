@@ -1,0 +1,155 @@
+"""Navier-Stokes, FNO-DEQ against FNO d4 and FNO++ d4 at every training length run, from the results files
+of ``experiments/fno_deq.py`` (the NS configs' settings: 6, 24 and 48 epochs by default).
+
+Writes fno_deq_ns_summary.json: per training length, viscosity and setting, FNO-DEQ's ratio of means to each
+baseline, whether the target is met (a ratio below 1), its seed-by-seed wins and whether its lead exceeds the
+larger std; per viscosity, each model's errors pooled over the settings; per training length, the counts. The
+PNG beside it shows FNO-DEQ's ratio to the better baseline in each cell, one bar per training length, so the
+cells where the target is missed (above the line at 1) can be compared across lengths. CPU, seconds:
+
+    python experiments/fno_deq_ns_summary.py [--results experiments/results] [--files A.json,B.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+# the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols)
+FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json",
+         "fno_deq_ns_48ep_nu0.001_clean.json")
+DEQ, BASELINES = "fno-deq", ("fno-d4", "fno++-d4")
+
+
+def gather(paths: list[Path]) -> dict:
+    """``{epochs: {viscosity: {setting: {model: {seed: test rel L2}}}}}`` from the files' finished runs. A run
+    recorded in two files with different errors is an error (the files would disagree on which counts)."""
+    table: dict = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        epochs = data["config"]["epochs"]
+        for nu, settings in data["metrics"]["accuracy"].items():
+            for setting, models in settings.items():
+                for model, cell in models.items():
+                    seeds = table.setdefault(epochs, {}).setdefault(nu, {}).setdefault(setting, {}).setdefault(
+                        model, {})
+                    for run in cell["runs"]:
+                        if run["epochs_done"] != run["epochs"]:
+                            continue  # cut by a budget: the error of fewer epochs
+                        old = seeds.setdefault(run["seed"], run["test_rel_l2"])
+                        if old != run["test_rel_l2"]:
+                            raise ValueError(f"{epochs} epochs, {nu} {setting} {model} seed {run['seed']}: "
+                                             f"{old} in one file, {run['test_rel_l2']} in {path.name}")
+    return table
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def compare(table: dict) -> dict:
+    """Per training length: each cell's comparisons, the pooled errors per viscosity, and the counts."""
+    out: dict = {}
+    for epochs in sorted(table):
+        cells, pooled, totals = {}, {}, {"met": 0, "comparisons": 0, "seed_wins": 0, "seed_comparisons": 0,
+                                         "lead_above_larger_std": 0}
+        for nu, settings in table[epochs].items():
+            for setting, models in settings.items():
+                if DEQ not in models:
+                    continue
+                deq = models[DEQ]
+                cell = {"test_rel_l2": {m: _stats([s[k] for k in sorted(s)]) for m, s in models.items()}}
+                for base in BASELINES:
+                    if base not in models:
+                        continue
+                    d, b = cell["test_rel_l2"][DEQ], cell["test_rel_l2"][base]
+                    common = sorted(set(deq) & set(models[base]))
+                    wins = sum(deq[s] < models[base][s] for s in common)
+                    cell[base] = {"ratio_of_means": d["mean"] / b["mean"], "met": d["mean"] < b["mean"],
+                                  "seed_wins": wins, "seeds_compared": len(common),
+                                  "lead_above_larger_std": b["mean"] - d["mean"] > max(d["std"], b["std"])}
+                    totals["met"] += cell[base]["met"]
+                    totals["comparisons"] += 1
+                    totals["seed_wins"] += wins
+                    totals["seed_comparisons"] += len(common)
+                    totals["lead_above_larger_std"] += cell[base]["lead_above_larger_std"]
+                cells.setdefault(nu, {})[setting] = cell
+                for m, seeds in models.items():
+                    pooled.setdefault(nu, {}).setdefault(m, []).extend(seeds[k] for k in sorted(seeds))
+        pooled_stats = {nu: {"settings": sorted(cells[nu]), **{m: _stats(v) for m, v in models.items()}}
+                        for nu, models in pooled.items()}
+        out[str(epochs)] = {"cells": cells, "pooled": pooled_stats, "totals": totals}
+    return out
+
+
+def plot(summary: dict, path: Path) -> Path:
+    """FNO-DEQ's ratio of means to the better baseline per cell, one bar per training length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = []
+    for per in summary.values():
+        keys += [(nu, s) for nu in per["cells"] for s in per["cells"][nu] if (nu, s) not in keys]
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 4.2))
+    w = 0.8 / len(summary)
+    for i, (epochs, per) in enumerate(summary.items()):
+        xs, ys = [], []
+        for j, (nu, s) in enumerate(keys):
+            cell = per["cells"].get(nu, {}).get(s)
+            if cell and all(b in cell for b in BASELINES):
+                xs.append(j + i * w)
+                ys.append(max(cell[b]["ratio_of_means"] for b in BASELINES))  # against the better baseline
+        ax.bar(xs, ys, width=w, label=f"{epochs} epochs", color=f"C{i}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    labels = [f"nu={nu.removeprefix('ns-nu')}\n{s.replace('-noise-', ' ')}" for nu, s in keys]
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], labels, fontsize=7)
+    ax.set_ylabel("FNO-DEQ / better of FNO d4, FNO++ d4\n(mean test rel. L2; < 1: target met)")
+    ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by training length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="folder of the results files")
+    p.add_argument("--files", default=",".join(FILES), help="comma-separated results files in --results")
+    p.add_argument("--out", help="folder for the summary and PNG (default: --results)")
+    args = p.parse_args(argv)
+    from implicit.results import write_results
+
+    results = Path(args.results)
+    paths = [results / f for f in args.files.split(",") if f]
+    missing = [str(q) for q in paths if not q.is_file()]
+    if missing:
+        p.error(f"no results file {', '.join(missing)}")
+    summary = compare(gather(paths))
+    out = Path(args.out or results)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot(summary, out / "fno_deq_ns_summary.png")
+    config = {"files": [q.name for q in paths], "deq": DEQ, "baselines": list(BASELINES),
+              "note": "test relative L2 of the runs that finished all epochs; means over seeds"}
+    path = write_results("fno_deq_ns_summary", config=config, metrics=summary, device="cpu", out_dir=out)
+    for epochs, per in summary.items():
+        t = per["totals"]
+        pooled = "; ".join(f"{nu}: " + ", ".join(f"{m} {per['pooled'][nu][m]['mean']:.4f}" for m in (*BASELINES, DEQ)
+                                                  if m in per["pooled"][nu]) for nu in per["pooled"])
+        print(f"{epochs} epochs: met {t['met']}/{t['comparisons']}, seed wins {t['seed_wins']}/"
+              f"{t['seed_comparisons']}, lead above the larger std {t['lead_above_larger_std']}; pooled {pooled}")
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
