@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT)]
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json",
          "fno_deq_ns_48ep_nu0.001_clean.json")
 DEQ, BASELINES = "fno-deq", ("fno-d4", "fno++-d4")
+COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std")
 
 
 def gather(paths: list[Path]) -> dict:
@@ -55,11 +56,11 @@ def _stats(values: list[float]) -> dict:
 
 
 def compare(table: dict) -> dict:
-    """Per training length: each cell's comparisons, the pooled errors per viscosity, and the counts."""
+    """Per training length: each cell's comparisons, the pooled errors per viscosity, and the counts (over
+    all cells, and per viscosity)."""
     out: dict = {}
     for epochs in sorted(table):
-        cells, pooled, totals = {}, {}, {"met": 0, "comparisons": 0, "seed_wins": 0, "seed_comparisons": 0,
-                                         "lead_above_larger_std": 0}
+        cells, pooled, totals = {}, {}, {}
         for nu, settings in table[epochs].items():
             for setting, models in settings.items():
                 if DEQ not in models:
@@ -75,11 +76,11 @@ def compare(table: dict) -> dict:
                     cell[base] = {"ratio_of_means": d["mean"] / b["mean"], "met": d["mean"] < b["mean"],
                                   "seed_wins": wins, "seeds_compared": len(common),
                                   "lead_above_larger_std": b["mean"] - d["mean"] > max(d["std"], b["std"])}
-                    totals["met"] += cell[base]["met"]
-                    totals["comparisons"] += 1
-                    totals["seed_wins"] += wins
-                    totals["seed_comparisons"] += len(common)
-                    totals["lead_above_larger_std"] += cell[base]["lead_above_larger_std"]
+                    for key in ("all", nu):
+                        t = totals.setdefault(key, dict.fromkeys(COUNTS, 0))
+                        for name, add in zip(COUNTS, (cell[base]["met"], 1, wins, len(common),
+                                                      cell[base]["lead_above_larger_std"])):
+                            t[name] += add
                 cells.setdefault(nu, {})[setting] = cell
                 for m, seeds in models.items():
                     pooled.setdefault(nu, {}).setdefault(m, []).extend(seeds[k] for k in sorted(seeds))
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               "note": "test relative L2 of the runs that finished all epochs; means over seeds"}
     path = write_results("fno_deq_ns_summary", config=config, metrics=summary, device="cpu", out_dir=out)
     for epochs, per in summary.items():
-        t = per["totals"]
+        t = per["totals"]["all"]
         pooled = "; ".join(f"{nu}: " + ", ".join(f"{m} {per['pooled'][nu][m]['mean']:.4f}" for m in (*BASELINES, DEQ)
                                                   if m in per["pooled"][nu]) for nu in per["pooled"])
         print(f"{epochs} epochs: met {t['met']}/{t['comparisons']}, seed wins {t['seed_wins']}/"

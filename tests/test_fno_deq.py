@@ -636,10 +636,10 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     noisy = summary["6"]["cells"]["ns-nu0.01"]["target-noise-0.001"]
     assert noisy["test_rel_l2"]["fno-d4"]["values"] == [0.3]  # seed 1 was cut
     assert noisy["fno-d4"]["seeds_compared"] == 1 and noisy["fno-d4"]["seed_wins"] == 0
-    assert summary["6"]["totals"] == {"met": 1, "comparisons": 4, "seed_wins": 3, "seed_comparisons": 7,
-                                      "lead_above_larger_std": 1}
+    assert summary["6"]["totals"]["all"] == {"met": 1, "comparisons": 4, "seed_wins": 3, "seed_comparisons": 7,
+                                             "lead_above_larger_std": 1} == summary["6"]["totals"]["ns-nu0.01"]
     assert summary["6"]["pooled"]["ns-nu0.01"]["fno-deq"]["mean"] == pytest.approx(0.3)
-    assert summary["24"]["totals"]["met"] == 2
+    assert summary["24"]["totals"]["all"]["met"] == 2
     assert (tmp_path / "fno_deq_ns_summary.png").stat().st_size > 0
     results_file("c.json", 24, {("clean", "fno-deq"): [0.15]})
     with pytest.raises(ValueError, match="seed 0"):
