@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
 
 # the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols)
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json",
          "fno_deq_ns_48ep_nu0.001_clean.json")
-DEQ, BASELINES = "fno-deq", ("fno-d4", "fno++-d4")
+DEQ = "fno-deq"
 COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std")
 
 
@@ -50,11 +50,6 @@ def gather(paths: list[Path]) -> dict:
     return table
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
-
-
 def compare(table: dict) -> dict:
     """Per training length: each cell's comparisons, the pooled errors per viscosity, and the counts (over
     all cells, and per viscosity)."""
@@ -66,7 +61,7 @@ def compare(table: dict) -> dict:
                 if DEQ not in models:
                     continue
                 deq = models[DEQ]
-                cell = {"test_rel_l2": {m: _stats([s[k] for k in sorted(s)]) for m, s in models.items()}}
+                cell = {"test_rel_l2": {m: _agg([s[k] for k in sorted(s)]) for m, s in models.items()}}
                 for base in BASELINES:
                     if base not in models:
                         continue
@@ -84,7 +79,7 @@ def compare(table: dict) -> dict:
                 cells.setdefault(nu, {})[setting] = cell
                 for m, seeds in models.items():
                     pooled.setdefault(nu, {}).setdefault(m, []).extend(seeds[k] for k in sorted(seeds))
-        pooled_stats = {nu: {"settings": sorted(cells[nu]), **{m: _stats(v) for m, v in models.items()}}
+        pooled_stats = {nu: {"settings": sorted(cells[nu]), **{m: _agg(v) for m, v in models.items()}}
                         for nu, models in pooled.items()}
         out[str(epochs)] = {"cells": cells, "pooled": pooled_stats, "totals": totals}
     return out
@@ -111,8 +106,8 @@ def plot(summary: dict, path: Path) -> Path:
                 ys.append(max(cell[b]["ratio_of_means"] for b in BASELINES))  # against the better baseline
         ax.bar(xs, ys, width=w, label=f"{epochs} epochs", color=f"C{i}")
     ax.axhline(1.0, color="k", lw=0.8)
-    labels = [f"nu={nu.removeprefix('ns-nu')}\n{s.replace('-noise-', ' ')}" for nu, s in keys]
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], labels, fontsize=7)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], [_short_label(nu, s, "ns") for nu, s in keys],
+                  fontsize=7)
     ax.set_ylabel("FNO-DEQ / better of FNO d4, FNO++ d4\n(mean test rel. L2; < 1: target met)")
     ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by training length")
     ax.legend(fontsize=8)
