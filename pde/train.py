@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from implicit.distributed import init_process_group_for
 from implicit.results import save_torch_atomic
 
 from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
@@ -338,17 +339,8 @@ def _resolve_device(name: str, local_rank: int | None) -> torch.device:
 
 
 def _distributed(device: str) -> tuple[int, int, int | None]:
-    """``(rank, world_size, local_rank)``; initialises the process group under torchrun: NCCL where the
-    training runs on CUDA, gloo otherwise (``--device cpu`` on a GPU machine included, which NCCL rejects)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1, None
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return 0, 1, None
+    """``(rank, world_size, local_rank)``; under torchrun, the process group for the device ``device`` names."""
+    return init_process_group_for(_resolve_device(device, None))
 
 
 def _amp_context(amp: str, device: torch.device):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -51,23 +50,18 @@ def _train(a) -> None:
 
 
 def _sample(a) -> None:
+    from ..distributed import init_process_group_for
     from .adapter import load_local
     from .sampling import ddim, deq_ddim, disable_tf32
 
-    dist = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
     device = _device(a.device)
     if a.no_tf32:
         disable_tf32()
-    if dist:
-        import torch.distributed as tdist
-
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend)
-        rank, world = tdist.get_rank(), tdist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(device)
+    rank, world, local_rank = init_process_group_for(device)
+    dist = world > 1
+    if dist and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     eps, schedule, unet, _ = load_local(a.model, device=device)
     shape = eps.sample_shape
     g = torch.Generator().manual_seed(a.seed)

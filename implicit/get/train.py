@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import init_process_group_for
 from ..results import save_torch_atomic
 from .evaluate import generate
 from .model import build_model, count_params
@@ -150,15 +150,12 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     """
     from tqdm.auto import tqdm
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
     device = _device(cfg.device)
+    rank, world, local_rank = init_process_group_for(device)
+    distributed = world > 1
     if distributed:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() and device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} ranks")

@@ -1,0 +1,24 @@
+"""torchrun set-up shared by the training and sampling entry points (PDE operators, GET, DEQ-DDIM)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def init_process_group_for(device: torch.device) -> tuple[int, int, int | None]:
+    """``(rank, world_size, local_rank)``. Under torchrun (``WORLD_SIZE`` > 1) this starts the process group
+    unless it is running already: NCCL where ``device`` is CUDA, gloo otherwise (NCCL rejects CPU tensors, so
+    ``--device cpu`` on a GPU machine needs gloo). ``local_rank`` is ``LOCAL_RANK`` (else the rank) inside a
+    group and None outside one, where the answer is ``(0, 1, None)``."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, None
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return 0, 1, None
+    rank = dist.get_rank()
+    return rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank))
