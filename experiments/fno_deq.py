@@ -53,8 +53,8 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     python experiments/fno_deq.py --out A --problems ns --ns-seeds 0,1,2 --ns-noise 0.001 --ns-epochs 48 \\
         --ns-viscosities 0.01 --models fno-deq,fno-d4,fno++-d4          # machine 1 (resume until done)
     python experiments/fno_deq.py --out B ... --ns-noise 0.004 --reuse A/fno_deq_ns.json --jobs 16   # machine 2
-    cp A/jobs/*.json B/jobs/*.json M/jobs/ && python experiments/fno_deq.py --out M ... --ns-noise 0.001,0.004 \\
-        --collect-only
+    mkdir -p M/jobs && cp A/jobs/*.json B/jobs/*.json M/jobs/   # then, on any machine:
+    python experiments/fno_deq.py --out M ... --ns-noise 0.001,0.004 --collect-only
 """
 
 from __future__ import annotations
