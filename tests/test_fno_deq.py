@@ -291,12 +291,7 @@ def test_fno_deq_experiment_wall_clock_sums_the_resumed_commands(tmp_path):
     mod = load_experiment("fno_deq")
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--out", str(tmp_path),
                                           "--ns-viscosities", "0.01"])
-    (tmp_path / "jobs").mkdir()
-    jid = "train-ns-nu0.01-clean-fno-d4-s0"
-    jobs = [{"id": jid, "kind": "train", "data": "ns-nu0.01", "setting": "clean", "model": "fno-d4", "seed": 0,
-             "config": {"epochs": 2}}]
-    (tmp_path / "jobs" / f"{jid}.json").write_text(json.dumps(
-        {"seed": 0, "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2, "epoch_time_s": 1.0, "model": "fno-d4"}))
+    jobs, _ = _ns_job_files(tmp_path, {0: None})
     assert mod.record_command(tmp_path, 500.0) == [500.0]
     assert mod.record_command(tmp_path, 2.0) == [500.0, 2.0]
     mod.collect(args, jobs, t_start=1e12)
