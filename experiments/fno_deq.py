@@ -55,6 +55,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     python experiments/fno_deq.py --out B ... --ns-noise 0.004 --reuse A/fno_deq_ns.json --jobs 16   # machine 2
     mkdir -p M/jobs && cp A/jobs/*.json B/jobs/*.json M/jobs/   # then, on any machine:
     python experiments/fno_deq.py --out M ... --ns-noise 0.001,0.004 --collect-only
+    # three more seeds (3,4,5) of one NS cell: --ns-settings picks it (the clean cell is always planned otherwise)
+    python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 3,4,5 --ns-noise 0.001 --ns-epochs 48 \\
+        --ns-viscosities 0.001 --ns-settings input-noise-0.001 --models fno-deq,fno-d4,fno++-d4
 """
 
 from __future__ import annotations
@@ -181,8 +184,8 @@ def plan(args) -> list[dict]:
         ntrain = r["splits"]["train"]
         batch = 8 if args.small else 32
         settings = darcy_settings() if darcy else ns_settings([float(v) for v in args.ns_noise.split(",") if v])
-        if darcy:
-            settings = _subset(settings, args.darcy_settings, "--darcy-settings")
+        settings = (_subset(settings, args.darcy_settings, "--darcy-settings") if darcy
+                    else _subset(settings, args.ns_settings, "--ns-settings"))
         common = dict(width=8 if args.small else 32, modes=4 if args.small else 12, epochs=epochs, batch_size=batch,
                       weight_decay=1e-4, loss_reduction=args.loss_reduction, device=args.device, plot=False,
                       eval_every=max(1, epochs // 4),
@@ -718,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ifno-noisy", action="store_true",
                    help="train IFNO on the noisy settings too (default: clean only)")
     p.add_argument("--ns-noise", default="0.004", help="NS maximum noise variances (paper: 0.001,0.004)")
+    p.add_argument("--ns-settings", default="",
+                   help="comma-separated subset of the NS settings --ns-noise gives (clean, input-noise-0.004, ...)")
     p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
                    help="take the finished runs a results file records instead of training them again")
     p.add_argument("--collect-only", action="store_true",

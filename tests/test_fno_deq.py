@@ -303,7 +303,8 @@ def test_fno_deq_experiment_wall_clock_sums_the_resumed_commands(tmp_path):
 def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
-    (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: normaliser and spectral bias)."""
+    (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: normaliser and spectral bias); ``--ns-settings``
+    picks NS cells as ``--darcy-settings`` picks Darcy ones."""
 
     mod = load_experiment("fno_deq")
     base = ["--small", "--problems", "darcy", "--device", "cpu", "--out", str(tmp_path)]
@@ -327,6 +328,13 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
                               and j["config"].get("backward") != "ift" for j in ns_matched)  # NS: phantom kept
     assert all("spectral_bias" not in j["config"]
                for j in mod.plan(mod.build_parser().parse_args(ns)) if j["kind"] == "train")
+    ns_all = [j for j in mod.plan(mod.build_parser().parse_args(ns)) if j["kind"] == "train"]
+    one = [j for j in mod.plan(mod.build_parser().parse_args(ns + ["--ns-settings", "target-noise-0.004"]))
+           if j["kind"] == "train"]  # --ns-settings: one cell, every model and seed
+    assert {j["setting"] for j in one} == {"target-noise-0.004"}
+    assert len(one) == sum(j["setting"] == "target-noise-0.004" for j in ns_all) < len(ns_all)
+    with pytest.raises(SystemExit, match="input-noise-0.001"):
+        mod.plan(mod.build_parser().parse_args(ns + ["--ns-settings", "input-noise-0.001"]))
 
 
 def test_fno_deq_experiment_run_records_where_it_trained(tmp_path):
