@@ -354,7 +354,8 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
     a command on a fresh machine skips them and only adds what is new (e.g. a seed). Only runs of
     this plan with all their epochs and the same training settings (a recorded config, where there is
     one, with TrainConfig's defaults for keys it predates) are taken, and an existing job result is never
-    overwritten."""
+    overwritten. A run that predates its own record of where it trained takes the file's device, torch
+    and commit, so the merged results name that machine too (``trained_on``)."""
     from dataclasses import fields
 
     from pde.train import TrainConfig
@@ -370,13 +371,14 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     taken = []
     for f in results_files:
-        runs = json.loads(Path(f).read_text())["metrics"]["runs"]
-        for jid, r in runs.items():
+        recorded = json.loads(Path(f).read_text())
+        origin = {k: recorded[k] for k in ("device", "torch", "commit") if k in recorded}
+        for jid, r in recorded["metrics"]["runs"].items():
             j = planned.get(jid)
             dest = out / "jobs" / f"{jid}.json"
             if (j and r and r.get("epochs_done") == j["config"]["epochs"] and not dest.exists()
                     and same_settings(j["config"], r.get("config"))):
-                _dump(dest, r)
+                _dump(dest, r if "device" in r else {**r, **origin})
                 taken.append(jid)
     return taken
 

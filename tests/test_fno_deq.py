@@ -226,7 +226,7 @@ def test_ns_training_keeps_a_converging_solver(tmp_path):
 def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     """``experiments/fno_deq.py --reuse``: a fresh machine takes the finished runs a results file records
     (so it only trains new seeds), never a cut run, a run it does not plan or planned with other settings,
-    or over an existing result."""
+    or over an existing result; a run without its own record of where it trained takes the file's."""
     import json
 
     mod = load_experiment("fno_deq")
@@ -250,6 +250,16 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     assert json.loads((out / "jobs" / "train-a.json").read_text()) == runs["train-a"]
     assert json.loads((out / "jobs" / "train-c.json").read_text())["test_rel_l2"] == 0.3
     assert not (out / "jobs" / "train-b.json").exists() and not (out / "jobs" / "data-x.json").exists()
+    # a run that predates its own record of where it trained takes the file's; one that has it keeps it
+    where = {"device": "GPU A", "torch": "2.0", "commit": "abc"}
+    runs["train-b"] = {**runs["train-c"], "device": "GPU B", "torch": "2.1", "commit": "def"}
+    results.write_text(json.dumps({**where, "metrics": {"runs": runs}}))
+    (out / "jobs" / "train-a.json").unlink()
+    assert mod.reuse_runs([str(results)], jobs, out) == ["train-a", "train-b"]
+    assert json.loads((out / "jobs" / "train-a.json").read_text()) == {**runs["train-a"], **where}
+    assert json.loads((out / "jobs" / "train-b.json").read_text()) == runs["train-b"]
+    reused = [json.loads((out / "jobs" / f"train-{s}.json").read_text()) for s in "ab"]
+    assert mod.trained_on(reused)["device"] == "GPU A + GPU B"
 
 
 def test_fno_deq_experiment_reports_ifno_last_step_beside_fno_deq_solve(tmp_path):
