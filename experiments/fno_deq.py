@@ -573,9 +573,12 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                   "paper_test_rel_l2": PAPER.get(problem), "command_wall_clock_s": command_s}
         metrics = {"accuracy": accuracy, "memory_vs_iterations": memory, "runs": runs}
         name = "fno_deq_" + problem + ("_small" if args.small else "")
+        trained = [results.get(j["id"]) for j in train_jobs]
+        peaks = [r["peak_memory_bytes"] for r in trained if r and r.get("peak_memory_bytes")]
         paths.append(write_results(name, config=config, metrics=metrics, targets=targets, device=device,
                                    wall_clock_s=sum(command_s) if command_s else None, out_dir=out,
-                                   measured_on=trained_on([results.get(j["id"]) for j in train_jobs])))
+                                   measured_on=trained_on(trained),  # the runs trained in their own processes:
+                                   peak_memory_bytes=max(peaks) if peaks else None))  # their peak, not this one's
         _plot(accuracy, memory, out / f"{name}.png", problem)
         print(f"wrote {paths[-1]}  ({n_done}/{len(train_jobs)} runs finished all epochs)")
         for k, v in targets.items():

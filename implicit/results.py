@@ -86,10 +86,12 @@ def write_results(
     wall_clock_s: float | None = None,
     out_dir: str | Path = "experiments/results",
     measured_on: dict[str, str] | None = None,
+    peak_memory_bytes: int | None = None,
 ) -> Path:
     """Write ``<out_dir>/<name>.json`` following the results contract in DESIGN.md. ``measured_on`` (keys of
     ``run_environment``) names where the numbers were made when that is not this process, e.g. runs trained
-    on GPU machines and collected on a laptop."""
+    on GPU machines and collected on a laptop; ``peak_memory_bytes`` likewise gives their peak where they ran
+    in other processes (default: this process's CUDA peak)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = {
         "name": name,
@@ -98,6 +100,7 @@ def write_results(
         "metrics": metrics,
         "targets": targets or {},
         "wall_clock_s": wall_clock_s,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "peak_memory_bytes": (peak_memory_bytes if peak_memory_bytes is not None else
+                              torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None),
     }
     return write_json_atomic(Path(out_dir) / f"{name}.json", data)

@@ -386,14 +386,15 @@ def _ns_job_files(tmp_path: Path, machines: dict[int, dict | None]) -> tuple[lis
 
 def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_path):
     """Collected elsewhere (here: on the CPU), the results file names the runs' devices, torch versions and
-    commits, joined where they differ; with no run recording them, the collecting process."""
+    commits, joined where they differ, and the largest run's peak memory; with no run recording them, the
+    collecting process."""
     import json
 
     from implicit.results import run_environment
 
     mod = load_experiment("fno_deq")
-    a = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc"}
-    b = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc"}
+    a = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc", "peak_memory_bytes": 5e9}
+    b = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc", "peak_memory_bytes": 3e9}
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01",
                                           "--ns-seeds", "0,1,2", "--out", str(tmp_path / "m")])
     jobs, path = _ns_job_files(tmp_path / "m", {0: a, 1: b, 2: None})
@@ -401,11 +402,13 @@ def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_pa
     written = json.loads(path.read_text())
     assert (written["device"], written["torch"], written["commit"]) == (
         "NVIDIA H100 80GB HBM3 + NVIDIA H200", "2.11.0+cu130", "abc")
+    assert written["peak_memory_bytes"] == 5e9  # the largest run's, not the collecting process's
     args.out = str(tmp_path / "old")
     jobs, path = _ns_job_files(tmp_path / "old", {0: None})
     mod.collect(args, jobs, 0.0)
     written = json.loads(path.read_text())
     assert {k: written[k] for k in ("device", "torch", "commit")} == run_environment("cpu")
+    assert written["peak_memory_bytes"] is None
 
 
 def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
