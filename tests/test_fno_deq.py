@@ -623,7 +623,7 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
 
 def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     """``experiments/fno_deq_ns_summary.py``: per training length and cell, FNO-DEQ's ratio of means to each
-    baseline, the target, seed-by-seed wins and the std test; errors pooled per viscosity; runs cut by a budget
+    baseline, the target, seed-by-seed wins, the std test and the ratio of medians; errors pooled per viscosity; runs cut by a budget
     left out; a run that two files record differently is an error."""
     import json
 
@@ -642,20 +642,28 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
                                ("target-noise-0.001", "fno-d4"): [0.3, 0.9],
                                ("target-noise-0.001", "fno++-d4"): [0.2, 0.2]},
                  cut={("target-noise-0.001", "fno-d4", 1)})
-    results_file("b.json", 24, {("clean", "fno-deq"): [0.1], ("clean", "fno-d4"): [0.3], ("clean", "fno++-d4"): [0.2]})
+    results_file("b.json", 24, {("clean", "fno-deq"): [0.1], ("clean", "fno-d4"): [0.3], ("clean", "fno++-d4"): [0.2],
+                                ("target-noise-0.001", "fno-deq"): [0.1, 0.9, 0.1],  # one seed diverged
+                                ("target-noise-0.001", "fno-d4"): [0.3] * 3,
+                                ("target-noise-0.001", "fno++-d4"): [0.2] * 3})
     assert mod.main(["--results", str(tmp_path), "--files", "a.json,b.json"]) == 0
     summary = json.loads((tmp_path / "fno_deq_ns_summary.json").read_text())["metrics"]
     clean = summary["6"]["cells"]["ns-nu0.01"]["clean"]
     assert clean["fno-d4"] == {"ratio_of_means": pytest.approx(1.0), "met": False, "seed_wins": 1,
-                               "seeds_compared": 2, "lead_above_larger_std": False}
+                               "seeds_compared": 2, "lead_above_larger_std": False,
+                               "ratio_of_medians": pytest.approx(1.0), "met_by_median": False}
     assert clean["fno++-d4"]["met"] and clean["fno++-d4"]["lead_above_larger_std"]
     noisy = summary["6"]["cells"]["ns-nu0.01"]["target-noise-0.001"]
     assert noisy["test_rel_l2"]["fno-d4"]["values"] == [0.3]  # seed 1 was cut
     assert noisy["fno-d4"]["seeds_compared"] == 1 and noisy["fno-d4"]["seed_wins"] == 0
     assert summary["6"]["totals"]["all"] == {"met": 1, "comparisons": 4, "seed_wins": 3, "seed_comparisons": 7,
-                                             "lead_above_larger_std": 1} == summary["6"]["totals"]["ns-nu0.01"]
+                                             "lead_above_larger_std": 1, "met_by_median": 1
+                                             } == summary["6"]["totals"]["ns-nu0.01"]
     assert summary["6"]["pooled"]["ns-nu0.01"]["fno-deq"]["mean"] == pytest.approx(0.3)
-    assert summary["24"]["totals"]["all"]["met"] == 2
+    assert summary["24"]["totals"]["all"]["met"] == 2 and summary["24"]["totals"]["all"]["met_by_median"] == 4
+    diverged = summary["24"]["cells"]["ns-nu0.01"]["target-noise-0.001"]["fno++-d4"]
+    assert not diverged["met"] and diverged["met_by_median"] and diverged["ratio_of_medians"] == pytest.approx(0.5)
+    assert diverged["seed_wins"] == 2
     assert (tmp_path / "fno_deq_ns_summary.png").stat().st_size > 0
     results_file("c.json", 24, {("clean", "fno-deq"): [0.15]})
     with pytest.raises(ValueError, match="seed 0"):
