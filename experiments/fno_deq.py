@@ -203,6 +203,8 @@ def plan(args) -> list[dict]:
         models = _subset(models, args.models, "--models")
         if args.solver_graph and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], solver_graph=True)
+        if args.jac_reg and "fno-deq" in models:
+            models["fno-deq"] = dict(models["fno-deq"], jac_reg=args.jac_reg)
         if darcy and args.paper_match and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], backward=current.backward, backward_tol=current.backward_tol)
         for seed in seeds:
@@ -271,6 +273,9 @@ def _train_worker(spec: dict, result_path: Path) -> int:
     last = hist[-1]
     res["train_rel_l2"] = last["train_rel_l2"]
     res["train_rel_l2_per_epoch"] = [h["train_rel_l2"] for h in hist]
+    for k in ("train_solver_rel_residual", "train_jac_loss"):  # FNO-DEQ: whether the tied block kept contracting
+        if any(k in h for h in hist):
+            res[f"{k}_per_epoch"] = [h.get(k) for h in hist]
     res["test_rel_l2_curve"] = [(h["epoch"], h["test_rel_l2"]) for h in hist if "test_rel_l2" in h]
     res["epoch_time_s"] = statistics.median(h["time_s"] for h in hist)
     if "test_rel_l2" in last:
@@ -601,8 +606,9 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
                 "per-channel normalisation (paper: a fixed per-dataset scale with mean 0); neuraloperator's spectral "
                 "convolutions with bias (paper: none)")
     common = ("Every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; " + norm + "; "
-              "FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 steps). Runs train concurrently on "
-              "one GPU, so epoch times are concurrent times. ")
+              "FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 steps)"
+              + (f"; FNO-DEQ with a Jacobian regulariser of weight {args.jac_reg:g} (paper: none)" if args.jac_reg
+                 else "") + ". Runs train concurrently on one GPU, so epoch times are concurrent times. ")
     if problem == "darcy":
         models = args.models.replace(",", ", ") if args.models else "fno-d4, fno++-d4, ifno (12 unrolled), fno-deq"
         return (f"REDUCED protocol: {args.epochs} epochs (paper: 500), seeds {args.seeds} (paper: 3), models {models} "
@@ -717,6 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "too); default: the earlier settings")
     p.add_argument("--solver-graph", action="store_true",
                    help="FNO-DEQ's forward solve replayed as a CUDA graph (same results, ~1.14x faster epochs)")
+    p.add_argument("--jac-reg", type=float, default=0.0,
+                   help="FNO-DEQ's Jacobian regulariser weight (pde.train's jac_reg; 0, the paper's: off)")
     p.add_argument("--ns-epochs", type=int, default=6, help="Navier-Stokes epochs of every model")
     p.add_argument("--ns-seeds", default="0", help="Navier-Stokes seeds")
     p.add_argument("--ns-viscosities", default="0.01,0.001")

@@ -321,6 +321,9 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
             ``"unrolled"``; ``backward_options`` e.g. ``{"steps": 1, "damping": 0.5}`` for phantom.
         pretrain_steps, pretrain_iter: the first ``pretrain_steps`` training forwards run
             ``pretrain_iter`` unrolled iterations with plain backprop (paper: 300 and 8).
+        jac_reg_samples: if > 0, each training solve also estimates ``||df/dz||_F^2 / n`` at the fixed
+            point with that many probes (``last_result.stats["jac_loss"]``, differentiable), for the
+            Jacobian regularisation of Bai et al. (2021) that keeps the tied block a contraction.
         norm: ``None`` (default, on Darcy as the paper and on Navier-Stokes unlike it) keeps the block a
             contraction at init; ``"instance_norm"`` (the paper's Navier-Stokes setting) makes it
             expansive, so the solve does not converge and a warning says so; see the module docstring.
@@ -331,7 +334,8 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
                  spectral_init: str = "fno", spectral_bias: bool = True, solver: str = "anderson",
                  tol: float = 1e-6, max_iter: int = 32, eval_max_iter: int | None = None,
                  solver_options: dict | None = None, backward: str = "ift",
-                 backward_options: dict | None = None, pretrain_steps: int = 0, pretrain_iter: int = 8):
+                 backward_options: dict | None = None, pretrain_steps: int = 0, pretrain_iter: int = 8,
+                 jac_reg_samples: int = 0):
         super().__init__()
         from implicit.deq import DEQ
 
@@ -354,7 +358,7 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
             bopts["on_result"] = self._record_adjoint  # non-convergence of the adjoint becomes data too
         self.deq = DEQ(self.block, solver=solver, tol=tol, max_iter=max_iter, eval_max_iter=eval_max_iter,
                        solver_options=opts, backward=backward, backward_options=bopts,
-                       stop_mode="rel", name="FNO-DEQ")
+                       stop_mode="rel", jac_reg_samples=jac_reg_samples, name="FNO-DEQ")
         self.last_adjoint: dict | None = None
         self.pretrain_steps, self.pretrain_iter = pretrain_steps, pretrain_iter
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))

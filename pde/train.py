@@ -90,6 +90,10 @@ class TrainConfig:
     backward_max_iter: int | None = None
     pretrain_steps: int = 300
     pretrain_iter: int = 8
+    # fno-deq: weight of the Jacobian regulariser ||df/dz||_F^2 / n at the fixed point (Bai et al., 2021), a
+    # Hutchinson estimate with jac_reg_samples probes per step; 0 (the paper's setting) turns it off
+    jac_reg: float = 0.0
+    jac_reg_samples: int = 1
     epochs: int = 500
     batch_size: int = 32
     lr: float = 1e-3
@@ -132,7 +136,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         for key in ("epochs", "batch_size", "width", "modes", "depth", "iterations", "max_iter", "subsample",
-                    "eval_every"):
+                    "eval_every", "jac_reg_samples"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
@@ -141,6 +145,9 @@ class TrainConfig:
             raise ValueError(f"backward_max_iter must be a positive integer, got {self.backward_max_iter!r}")
         if self.backward_tol is not None and not self.backward_tol > 0:
             raise ValueError(f"backward_tol must be > 0, got {self.backward_tol!r}")
+        if self.jac_reg < 0 or (self.jac_reg > 0 and self.model != "fno-deq"):
+            raise ValueError(f"jac_reg must be >= 0 and regularises fno-deq's fixed point only, got {self.jac_reg!r} "
+                             f"for {self.model}")
         if not self.lr > 0 or self.weight_decay < 0 or self.noise_level < 0 or not self.noise_scale > 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, noise_level >= 0 and noise_scale > 0, got {self.lr}, "
                              f"{self.weight_decay}, {self.noise_level}, {self.noise_scale}")
@@ -166,6 +173,8 @@ class TrainConfig:
                       pretrain_iter=self.pretrain_iter)
             if self.solver_graph:
                 kw["solver_options"] = {"graph": True}
+            if self.jac_reg > 0:
+                kw["jac_reg_samples"] = self.jac_reg_samples
         return kw
 
 
@@ -528,7 +537,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        total, count, iters = 0.0, 0, []
+        total, count, iters, residuals, jacs = 0.0, 0, [], [], []
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
@@ -538,6 +547,11 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             loss = per_sample.mean()
             # DDP averages gradients over ranks, so a sum is scaled by the ranks to stay the global batch's sum
             objective = loss if cfg.loss_reduction == "mean" else per_sample.sum() * world
+            solved = (op.net.last_stats or {}).get("mode") == "deq"  # fno-deq past its unrolled warm-up
+            if cfg.jac_reg > 0 and solved:
+                jac = op.net.last_result.stats["jac_loss"]
+                objective = objective + cfg.jac_reg * jac
+                jacs.append(float(jac.detach()))
             scaler.scale(objective).backward()
             scaler.step(opt)
             scaler.update()
@@ -547,6 +561,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             count += xb.shape[0]
             if op.net.last_stats is not None:
                 iters.append(op.net.last_stats.get("n_iter", 0.0))
+            if solved:  # a block that stops contracting shows here before the loss blows up
+                residuals.append(op.net.last_stats["rel_residual"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -564,6 +580,10 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                                   "lr": opt.param_groups[0]["lr"]}
         if iters:
             record["train_solver_iters"] = sum(iters) / len(iters)
+        if residuals:
+            record["train_solver_rel_residual"] = sum(residuals) / len(residuals)
+        if jacs:
+            record["train_jac_loss"] = sum(jacs) / len(jacs)
         if device.type == "cuda":  # so far in this process (the summary takes the maximum over the history)
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         if main:
@@ -586,6 +606,10 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             if "test_rel_l2" in record:
                 msg += f"test rel L2 {record['test_rel_l2']:.4f}  "
             msg += f"{epoch_time:.1f} s"
+            if residuals:
+                msg += f"  train solve rel residual {record['train_solver_rel_residual']:.1e}"
+            if jacs:
+                msg += f"  jac {record['train_jac_loss']:.2e}"
             if stats:
                 msg += (f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e} "
                         f"(rel {record['test_solver_rel_residual']:.2e})")

@@ -328,6 +328,9 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
         mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-dq"]))
     graphed = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--solver-graph"])) if j["kind"] == "train"]
     assert {j["model"] for j in graphed if j["config"].get("solver_graph")} == {"fno-deq"}
+    regularised = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--jac-reg", "2"])) if j["kind"] == "train"]
+    assert {j["model"] for j in regularised if j["config"].get("jac_reg") == 2.0} == {"fno-deq"}
+    assert not any("jac_reg" in j["config"] for j in everything)
     matched = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--paper-match"])) if j["kind"] == "train"]
     assert all(j["config"]["normalizer"] == "pointwise" and j["config"]["spectral_bias"] is False for j in matched)
     assert {j["model"] for j in matched if j["config"].get("backward") == "ift"} == {"fno-deq"}
