@@ -3,8 +3,9 @@ of ``experiments/fno_deq.py`` (the NS configs' settings: 6, 24 and 48 epochs by 
 
 Writes fno_deq_ns_summary.json: per training length, viscosity and setting, FNO-DEQ's ratio of means to each
 baseline, whether the target is met (a ratio below 1), its seed-by-seed wins, whether its lead exceeds the
-larger std and its ratio of medians (which one diverged seed does not move); per viscosity, each model's errors pooled over the settings; per training length, the counts. The
-PNG beside it shows FNO-DEQ's ratio to the better baseline in each cell, one bar per training length, so the
+larger std, and its ratio of medians (which one diverged seed does not move); per viscosity, each model's
+errors pooled over the settings; per training length, the counts. The PNG beside it shows FNO-DEQ's ratio to
+the better baseline in each cell, one bar per training length and a dot for the ratio of medians, so the
 cells where the target is missed (above the line at 1) can be compared across lengths. CPU, seconds:
 
     python experiments/fno_deq_ns_summary.py [--results experiments/results] [--files A.json,B.json]
