@@ -640,7 +640,8 @@ MODEL_COLORS = {"fno-d4": "C0", "fno++-d4": "C1", "ifno": "C2", "fno-deq": "C3"}
 
 
 def _figure(accuracy: dict, memory: dict | None, problem: str):
-    """Left: test error per setting, one bar per model that ran (mean of seeds, std bars). Right: Darcy's
+    """Left: test error per setting, one bar per model that ran (mean of seeds, std bars, a dot per seed, so
+    one diverged run shows as itself rather than as a wide bar). Right: Darcy's
     training memory against depth, or the clean runs' test-error curves (mean of seeds; one line style per
     viscosity)."""
     import matplotlib
@@ -656,9 +657,13 @@ def _figure(accuracy: dict, memory: dict | None, problem: str):
         cells = [(jx, accuracy[k][s][n]["test_rel_l2"]) for jx, (k, s) in enumerate(panels) if n in accuracy[k][s]]
         a.bar([jx + i * w for jx, _ in cells], [c["mean"] for _, c in cells], yerr=[c["std"] for _, c in cells],
               width=w, label=n, color=MODEL_COLORS[n])
+        seeds = [(jx + i * w, v) for jx, c in cells for v in c.get("values", [])]
+        if seeds:
+            a.plot(*zip(*seeds), "o", ms=3.5, mfc="white", mec="k", mew=0.8, zorder=3,
+                   label="seeds" if i == 0 else None)
     a.set_xticks([j + 0.4 - w / 2 for j in range(len(panels))],
                  [_short_label(k, s, problem) for k, s in panels], fontsize=7)
-    a.set_ylabel("test relative L2 (mean of seeds, std bars)")
+    a.set_ylabel("test relative L2\n(mean and std of seeds; dots: seeds)")
     a.legend(fontsize=8)
     a.set_title(f"{problem}: test error per training setting")
     if memory and memory.get("fno-deq") and memory["fno-deq"][0] is not None:

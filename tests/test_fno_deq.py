@@ -436,7 +436,8 @@ def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
 
 def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_each():
     """The NS figure of a ``--models`` subset has no legend entry for a model without runs, each model keeps
-    its colour in both panels, and the curves are the mean over seeds at the epochs every seed evaluated."""
+    its colour in both panels, each seed's error is a dot on its bar, and the curves are the mean over seeds at
+    the epochs every seed evaluated."""
     import matplotlib.colors as mcolors
     import matplotlib.pyplot as plt
     from matplotlib.container import BarContainer
@@ -446,7 +447,7 @@ def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_
     def cell(curves):
         runs = [{"test_rel_l2_curve": c} for c in curves]
         vals = [c[-1][1] for c in curves]
-        return {"runs": runs, "test_rel_l2": {"mean": sum(vals) / len(vals), "std": 0.01}}
+        return {"runs": runs, "test_rel_l2": {"mean": sum(vals) / len(vals), "std": 0.01, "values": vals}}
 
     accuracy = {"ns-nu0.01": {
         "clean": {"fno-d4": cell([[[6, 0.4], [12, 0.2]], [[6, 0.2], [12, 0.1]]]),
@@ -455,7 +456,9 @@ def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_
     fig = mod._figure(accuracy, None, "ns")
     bars, curves = fig.axes
     legend = [t.get_text() for t in bars.get_legend().get_texts()]
-    assert legend == ["fno-d4", "fno-deq"]
+    assert sorted(legend) == ["fno-d4", "fno-deq", "seeds"]  # no entry for a model without runs
+    dots = [ln for ln in bars.lines if ln.get_linestyle() == "None"]  # one dot per seed, at its error
+    assert sorted(v for ln in dots for v in ln.get_ydata()) == pytest.approx(sorted([0.2, 0.1, 0.1, 0.05, 0.3, 0.2]))
     bar_colour = {c.get_label(): mcolors.to_hex(c.patches[0].get_facecolor()) for c in bars.containers
                   if isinstance(c, BarContainer)}
     lines = {ln.get_label().split()[-1]: ln for ln in curves.lines}
