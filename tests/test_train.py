@@ -110,6 +110,8 @@ def _ddp_worker(rank, port, cfg, out):
         s = train(cfg, progress=False, log=lambda m: None)
         if rank == 0:
             torch.save(s["final_state"], out)
+        elif str(out).endswith("_each_rank.pt"):  # rank 1's own copy, to compare the ranks
+            torch.save(s["final_state"], str(out).replace("_each_rank", "_rank1"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -130,6 +132,23 @@ def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path, reduction):
     ddp = torch.load(out, weights_only=True)
     for k, v in single["final_state"].items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_jacobian_regulariser_gradient_is_reduced_over_ranks(darcy, tmp_path):
+    """Under DDP each rank draws its own Hutchinson probes, so the regulariser's gradient differs per rank: the
+    ranks end with the same weights only if DDP reduces that gradient too (and it trains without error)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp_each_rank.pt"
+    cfg = _cfg(darcy, tmp_path / "two", epochs=2, batch_size=8, scheduler="constant", norm="none", jac_reg=10.0)
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, cfg, out), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"ddp_{r}.pt", weights_only=True) for r in ("each_rank", "rank1"))
+    for k, v in rank0.items():
+        torch.testing.assert_close(rank1[k], v, rtol=0, atol=0, msg=k)
+    single = train(_cfg(darcy, tmp_path / "one", epochs=2, batch_size=8, scheduler="constant", norm="none"),
+                   progress=False, log=lambda m: None)["final_state"]
+    assert max(float((single[k] - rank0[k]).abs().max()) for k in single) > 1e-4  # the term did act
 
 
 def _block_jacobian_at_fixed_point(checkpoint, x_raw) -> float:
