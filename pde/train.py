@@ -91,7 +91,8 @@ class TrainConfig:
     pretrain_steps: int = 300
     pretrain_iter: int = 8
     # fno-deq: weight of the Jacobian regulariser ||df/dz||_F^2 / n at the fixed point (Bai et al., 2021), a
-    # Hutchinson estimate with jac_reg_samples probes per step; 0 (the paper's setting) turns it off
+    # Hutchinson estimate with jac_reg_samples probes per step, added to the loss as reduced (so with
+    # loss_reduction="sum" the same weight counts batch_size times less); 0 (the paper's setting) turns it off
     jac_reg: float = 0.0
     jac_reg_samples: int = 1
     epochs: int = 500
