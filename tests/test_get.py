@@ -259,14 +259,10 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
+    from ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     train(TrainConfig(out=str(tmp_path / "one"), model="get", model_options=TINY, steps=3, batch_size=8, lr=1e-3,
                       warmup=1, device="cpu"), data=_pairs(), progress=False)
     # compare outputs, not weights: the key bias gets a zero gradient (softmax ignores it), and Adam's

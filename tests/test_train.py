@@ -1,7 +1,6 @@
 """Training, resume, DDP (gloo, 2 processes), evaluation and data checks on a tiny Darcy file (CPU)."""
 
 import os
-import socket
 
 import h5py
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from pde.datasets import generate_split
 from pde.train import TrainConfig, add_observation_noise, evaluate, load_config, noise_levels, relative_l2, train
+from ports import free_port
 
 RECIPE = {"name": "darcy-t", "generator": "darcy", "seed": 0, "chunk_size": 16, "store_dtype": "float32",
           "splits": {"train": 16, "test": 4}, "darcy": {"fine_resolution": 25, "subsample": 2}}
@@ -124,9 +124,7 @@ def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path, reduction):
     kw = dict(epochs=2, batch_size=8, scheduler="constant", norm="none", loss_reduction=reduction,
               weight_decay=0.1 if reduction == "sum" else 1e-4)
     single = train(_cfg(darcy, tmp_path / "one", **kw), progress=False, log=lambda m: None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = tmp_path / "ddp.pt"
     torch.multiprocessing.spawn(_ddp_worker, args=(port, _cfg(darcy, tmp_path / "two", **kw), out), nprocs=2)
     ddp = torch.load(out, weights_only=True)
@@ -137,9 +135,7 @@ def test_ddp_gloo_two_processes_equals_one(darcy, tmp_path, reduction):
 def test_ddp_jacobian_regulariser_gradient_is_reduced_over_ranks(darcy, tmp_path):
     """Under DDP each rank draws its own Hutchinson probes, so the regulariser's gradient differs per rank: the
     ranks end with the same weights only if DDP reduces that gradient too (and it trains without error)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = tmp_path / "ddp_each_rank.pt"
     cfg = _cfg(darcy, tmp_path / "two", epochs=2, batch_size=8, scheduler="constant", norm="none", jac_reg=10.0)
     torch.multiprocessing.spawn(_ddp_worker, args=(port, cfg, out), nprocs=2)
