@@ -377,7 +377,7 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
     taken = []
     for f in results_files:
         recorded = json.loads(Path(f).read_text())
-        origin = {k: recorded[k] for k in ("device", "torch", "commit") if k in recorded}
+        origin = {k: recorded[k] for k in RUN_ENVIRONMENT if k in recorded}
         for jid, r in recorded["metrics"]["runs"].items():
             j = planned.get(jid)
             dest = out / "jobs" / f"{jid}.json"
@@ -455,6 +455,9 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
 
 # ----------------------------------------------------------------------------------- results
 
+RUN_ENVIRONMENT = ("device", "torch", "commit")  # the keys implicit.results.run_environment gives a run
+
+
 def _agg(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
@@ -478,7 +481,7 @@ def trained_on(runs: list[dict | None]) -> dict[str, str] | None:
     recorded = [r for r in runs if r and "device" in r]
     if not recorded:
         return None
-    return {k: " + ".join(sorted({str(r.get(k)) for r in recorded})) for k in ("device", "torch", "commit")}
+    return {k: " + ".join(sorted({str(r.get(k)) for r in recorded})) for k in RUN_ENVIRONMENT}
 
 
 def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
