@@ -6,7 +6,9 @@ baseline, whether the target is met (a ratio below 1), its seed-by-seed wins, wh
 larger std, and its ratio of medians (which one diverged seed does not move); per viscosity, each model's
 errors pooled over the settings; per training length, the counts. The PNG beside it shows FNO-DEQ's ratio to
 the better baseline in each cell, one bar per training length and a dot for the ratio of medians, so the
-cells where the target is missed (above the line at 1) can be compared across lengths. CPU, seconds:
+cells where the target is missed (above the line at 1) can be compared across lengths. A file whose FNO-DEQ
+trained with the Jacobian regulariser (``--jac-reg``, FNO-DEQ's setting alone) gives a row of its own, e.g.
+"48 jac_reg 10", against the same training length's baselines from the other files. CPU, seconds:
 
     python experiments/fno_deq_ns_summary.py [--results experiments/results] [--files A.json,B.json]
 """
@@ -23,22 +25,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
 
-# the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols)
-FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json")
+# the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols), and
+# FNO-DEQ with the Jacobian regulariser over the 48-epoch nu=0.001 grid
+FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
+         "fno_deq_ns_48ep_jac_reg10_nu0.001.json")
 DEQ = "fno-deq"
 COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std", "met_by_median")
 
 
+def deq_variant(config: dict) -> str:
+    """The name FNO-DEQ's runs go by in a results file's ``config``: ``"fno-deq"``, or with the Jacobian
+    regulariser's weight (``"fno-deq jac_reg 10"``), so the two trainings of one seed are not mixed."""
+    weight = config.get("models", {}).get(DEQ, {}).get("jac_reg", 0)
+    return f"{DEQ} jac_reg {weight:g}" if weight else DEQ
+
+
 def gather(paths: list[Path]) -> dict:
-    """``{epochs: {viscosity: {setting: {model: {seed: test rel L2}}}}}`` from the files' finished runs. A run
-    recorded in two files with different errors is an error (the files would disagree on which counts)."""
+    """``{epochs: {viscosity: {setting: {model: {seed: test rel L2}}}}}`` from the files' finished runs, FNO-DEQ
+    under its ``deq_variant`` name. A run recorded in two files with different errors is an error (the files
+    would disagree on which counts)."""
     table: dict = {}
     for path in paths:
         data = json.loads(path.read_text())
         epochs = data["config"]["epochs"]
+        variant = deq_variant(data["config"])
         for nu, settings in data["metrics"]["accuracy"].items():
             for setting, models in settings.items():
                 for model, cell in models.items():
+                    model = variant if model == DEQ else model
                     seeds = table.setdefault(epochs, {}).setdefault(nu, {}).setdefault(setting, {}).setdefault(
                         model, {})
                     for run in cell["runs"]:
@@ -52,47 +66,66 @@ def gather(paths: list[Path]) -> dict:
 
 
 def compare(table: dict) -> dict:
-    """Per training length: each cell's comparisons, the pooled errors per viscosity, and the counts (over
-    all cells, and per viscosity)."""
+    """One row per training length and FNO-DEQ variant (key ``"48"``, or ``"48 jac_reg 10"``): each cell's
+    comparisons with the baselines of that length, the pooled errors per viscosity, and the counts (over all
+    cells, and per viscosity)."""
     out: dict = {}
     for epochs in sorted(table):
-        cells, pooled, totals = {}, {}, {}
-        for nu, settings in table[epochs].items():
-            for setting, models in settings.items():
-                if DEQ not in models:
-                    continue
-                deq = models[DEQ]
-                cell = {"test_rel_l2": {m: _agg([s[k] for k in sorted(s)]) for m, s in models.items()}}
-                for base in BASELINES:
-                    if base not in models:
-                        continue
-                    d, b = cell["test_rel_l2"][DEQ], cell["test_rel_l2"][base]
-                    common = sorted(set(deq) & set(models[base]))
-                    wins = sum(deq[s] < models[base][s] for s in common)
-                    d_med, b_med = (statistics.median(s.values()) for s in (deq, models[base]))
-                    cell[base] = {"ratio_of_means": d["mean"] / b["mean"], "met": d["mean"] < b["mean"],
-                                  "seed_wins": wins, "seeds_compared": len(common),
-                                  "lead_above_larger_std": b["mean"] - d["mean"] > max(d["std"], b["std"]),
-                                  # one diverged or lucky seed moves a mean of three; the median shows it
-                                  "ratio_of_medians": d_med / b_med, "met_by_median": d_med < b_med}
-                    for key in ("all", nu):
-                        t = totals.setdefault(key, dict.fromkeys(COUNTS, 0))
-                        for name, add in zip(COUNTS, (cell[base]["met"], 1, wins, len(common),
-                                                      cell[base]["lead_above_larger_std"],
-                                                      cell[base]["met_by_median"])):
-                            t[name] += add
-                cells.setdefault(nu, {})[setting] = cell
-                for m, seeds in models.items():
-                    pooled.setdefault(nu, {}).setdefault(m, []).extend(seeds[k] for k in sorted(seeds))
-        pooled_stats = {nu: {"settings": sorted(cells[nu]), **{m: _agg(v) for m, v in models.items()}}
-                        for nu, models in pooled.items()}
-        out[str(epochs)] = {"cells": cells, "pooled": pooled_stats, "totals": totals}
+        variants = {m for settings in table[epochs].values() for models in settings.values() for m in models
+                    if m.startswith(DEQ)}
+        for variant in sorted(variants, key=lambda v: (v != DEQ, v)):
+            key = str(epochs) if variant == DEQ else f"{epochs} {variant[len(DEQ) + 1:]}"
+            out[key] = {"epochs": epochs, "fno_deq": variant, **_compare_row(table[epochs], variant)}
     return out
 
 
+def _compare_row(settings_by_nu: dict, variant: str) -> dict:
+    """One training length's cells where ``variant`` ran, each against the baselines; pooled errors over
+    those cells only, so a variant run on fewer settings is pooled like for like."""
+    cells, pooled, totals = {}, {}, {}
+    for nu, settings in settings_by_nu.items():
+        for setting, all_models in settings.items():
+            if variant not in all_models:
+                continue
+            # the baselines (and IFNO where it ran) beside this variant, not FNO-DEQ's other trainings
+            models = {m: s for m, s in all_models.items() if m == variant or not m.startswith(DEQ)}
+            deq = models[variant]
+            cell = {"test_rel_l2": {m: _agg([s[k] for k in sorted(s)]) for m, s in models.items()}}
+            for base in BASELINES:
+                if base not in models:
+                    continue
+                d, b = cell["test_rel_l2"][variant], cell["test_rel_l2"][base]
+                common = sorted(set(deq) & set(models[base]))
+                wins = sum(deq[s] < models[base][s] for s in common)
+                d_med, b_med = (statistics.median(s.values()) for s in (deq, models[base]))
+                cell[base] = {"ratio_of_means": d["mean"] / b["mean"], "met": d["mean"] < b["mean"],
+                              "seed_wins": wins, "seeds_compared": len(common),
+                              "lead_above_larger_std": b["mean"] - d["mean"] > max(d["std"], b["std"]),
+                              # one diverged or lucky seed moves a mean of three; the median shows it
+                              "ratio_of_medians": d_med / b_med, "met_by_median": d_med < b_med}
+                for key in ("all", nu):
+                    t = totals.setdefault(key, dict.fromkeys(COUNTS, 0))
+                    for name, add in zip(COUNTS, (cell[base]["met"], 1, wins, len(common),
+                                                  cell[base]["lead_above_larger_std"],
+                                                  cell[base]["met_by_median"])):
+                        t[name] += add
+            cells.setdefault(nu, {})[setting] = cell
+            for m, seeds in models.items():
+                pooled.setdefault(nu, {}).setdefault(m, []).extend(seeds[k] for k in sorted(seeds))
+    pooled_stats = {nu: {"settings": sorted(cells[nu]), **{m: _agg(v) for m, v in models.items()}}
+                    for nu, models in pooled.items()}
+    return {"cells": cells, "pooled": pooled_stats, "totals": totals}
+
+
+def row_label(row: dict) -> str:
+    """``"48 epochs"``, or ``"48 epochs, FNO-DEQ jac_reg 10"`` for a variant's row."""
+    variant = row["fno_deq"][len(DEQ) + 1:]
+    return f"{row['epochs']} epochs" + (f", FNO-DEQ {variant}" if variant else "")
+
+
 def plot(summary: dict, path: Path) -> Path:
-    """FNO-DEQ's ratio of means to the better baseline per cell, one bar per training length; a dot marks the
-    ratio of medians."""
+    """FNO-DEQ's ratio of means to the better baseline per cell, one bar per row (training length, FNO-DEQ
+    variant); a dot marks the ratio of medians."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,7 +136,7 @@ def plot(summary: dict, path: Path) -> Path:
         keys += [(nu, s) for nu in per["cells"] for s in per["cells"][nu] if (nu, s) not in keys]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 4.2))
     w = 0.8 / len(summary)
-    for i, (epochs, per) in enumerate(summary.items()):
+    for i, per in enumerate(summary.values()):
         xs, ys, medians = [], [], []
         for j, (nu, s) in enumerate(keys):
             cell = per["cells"].get(nu, {}).get(s)
@@ -111,13 +144,13 @@ def plot(summary: dict, path: Path) -> Path:
                 xs.append(j + i * w)
                 ys.append(max(cell[b]["ratio_of_means"] for b in BASELINES))  # against the better baseline
                 medians.append(max(cell[b]["ratio_of_medians"] for b in BASELINES))
-        ax.bar(xs, ys, width=w, label=f"{epochs} epochs", color=f"C{i}")
+        ax.bar(xs, ys, width=w, label=row_label(per), color=f"C{i}")
         ax.plot(xs, medians, "k.", ms=5, label="ratio of medians" if i == 0 else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], [_short_label(nu, s, "ns") for nu, s in keys],
                   fontsize=7)
     ax.set_ylabel("FNO-DEQ / better of FNO d4, FNO++ d4\n(mean test rel. L2; < 1: target met)")
-    ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by training length")
+    ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by training length and FNO-DEQ training")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -145,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     config = {"files": [q.name for q in paths], "deq": DEQ, "baselines": list(BASELINES),
               "note": "test relative L2 of the runs that finished all epochs; means over seeds"}
     path = write_results("fno_deq_ns_summary", config=config, metrics=summary, device="cpu", out_dir=out)
-    for epochs, per in summary.items():
+    for per in summary.values():
         t = per["totals"]["all"]
-        pooled = "; ".join(f"{nu}: " + ", ".join(f"{m} {per['pooled'][nu][m]['mean']:.4f}" for m in (*BASELINES, DEQ)
+        models = (*BASELINES, per["fno_deq"])
+        pooled = "; ".join(f"{nu}: " + ", ".join(f"{m} {per['pooled'][nu][m]['mean']:.4f}" for m in models
                                                   if m in per["pooled"][nu]) for nu in per["pooled"])
-        print(f"{epochs} epochs: met {t['met']}/{t['comparisons']} (by medians {t['met_by_median']}), seed wins "
+        print(f"{row_label(per)}: met {t['met']}/{t['comparisons']} (by medians {t['met_by_median']}), seed wins "
               f"{t['seed_wins']}/{t['seed_comparisons']}, lead above the larger std {t['lead_above_larger_std']}; "
               f"pooled {pooled}")
     print(f"wrote {path} and {png}")

@@ -630,18 +630,20 @@ def test_darcy_summary_aggregates_seeds_and_settings(tmp_path):
 def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     """``experiments/fno_deq_ns_summary.py``: per training length and cell, FNO-DEQ's ratio of means to each
     baseline, the target, seed-by-seed wins, the std test and the ratio of medians; errors pooled per viscosity; runs cut by a budget
-    left out; a run that two files record differently is an error."""
+    left out; a run that two files record differently is an error; FNO-DEQ trained with the Jacobian regulariser
+    is a row of its own."""
     import json
 
     mod = load_experiment("fno_deq_ns_summary")
 
-    def results_file(name, epochs, errors, cut=()):
+    def results_file(name, epochs, errors, cut=(), jac_reg=None):
         accuracy = {"ns-nu0.01": {"clean": {}, "target-noise-0.001": {}}}
         for (setting, model), values in errors.items():
             runs = [{"seed": s, "test_rel_l2": v, "epochs": epochs,
                      "epochs_done": epochs - 1 if (setting, model, s) in cut else epochs} for s, v in enumerate(values)]
             accuracy["ns-nu0.01"][setting][model] = {"runs": runs}
-        (tmp_path / name).write_text(json.dumps({"config": {"epochs": epochs}, "metrics": {"accuracy": accuracy}}))
+        config = {"epochs": epochs, **({"models": {"fno-deq": {"jac_reg": jac_reg}}} if jac_reg is not None else {})}
+        (tmp_path / name).write_text(json.dumps({"config": config, "metrics": {"accuracy": accuracy}}))
 
     results_file("a.json", 6, {("clean", "fno-deq"): [0.1, 0.3], ("clean", "fno-d4"): [0.2, 0.2],
                                ("clean", "fno++-d4"): [0.5, 0.5], ("target-noise-0.001", "fno-deq"): [0.4, 0.4],
@@ -671,6 +673,25 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     assert not diverged["met"] and diverged["met_by_median"] and diverged["ratio_of_medians"] == pytest.approx(0.5)
     assert diverged["seed_wins"] == 2
     assert (tmp_path / "fno_deq_ns_summary.png").stat().st_size > 0
+    # FNO-DEQ retrained with the Jacobian regulariser, one cell: a row of its own against b.json's baselines,
+    # its seeds not confused with the unregularised ones (0.1, 0.9, 0.1); IFNO stays beside either variant
+    results_file("d.json", 24, {("target-noise-0.001", "fno-deq"): [0.1, 0.15, 0.1]}, jac_reg=10.0)
+    results_file("e.json", 24, {("target-noise-0.001", "ifno"): [0.25]})
+    assert mod.main(["--results", str(tmp_path), "--files", "b.json,d.json,e.json"]) == 0
+    summary = json.loads((tmp_path / "fno_deq_ns_summary.json").read_text())["metrics"]
+    assert list(summary) == ["24", "24 jac_reg 10"]
+    reg = summary["24 jac_reg 10"]
+    assert (reg["epochs"], reg["fno_deq"]) == (24, "fno-deq jac_reg 10")
+    assert list(reg["cells"]["ns-nu0.01"]) == ["target-noise-0.001"]
+    cell = reg["cells"]["ns-nu0.01"]["target-noise-0.001"]
+    assert set(cell["test_rel_l2"]) == {"fno-d4", "fno++-d4", "ifno", "fno-deq jac_reg 10"}
+    assert cell["fno++-d4"]["ratio_of_means"] == pytest.approx(0.35 / 3 / 0.2) and cell["fno++-d4"]["met"]
+    assert reg["totals"]["all"]["met"] == 2 and reg["totals"]["all"]["seed_wins"] == 6
+    assert reg["pooled"]["ns-nu0.01"]["fno-d4"]["values"] == [0.3] * 3  # the variant's cells only
+    plain = summary["24"]  # the unregularised row as without d.json
+    assert plain["fno_deq"] == "fno-deq" and plain["totals"]["all"]["met"] == 2
+    assert plain["cells"]["ns-nu0.01"]["target-noise-0.001"]["test_rel_l2"]["fno-deq"]["values"] == [0.1, 0.9, 0.1]
+    assert "ifno" in plain["cells"]["ns-nu0.01"]["target-noise-0.001"]["test_rel_l2"]
     results_file("c.json", 24, {("clean", "fno-deq"): [0.15]})
     with pytest.raises(ValueError, match="seed 0"):
         mod.main(["--results", str(tmp_path), "--files", "b.json,c.json"])
