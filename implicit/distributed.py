@@ -22,3 +22,12 @@ def init_process_group_for(device: torch.device) -> tuple[int, int, int | None]:
         return 0, 1, None
     rank = dist.get_rank()
     return rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank))
+
+
+def rank_device(device: torch.device, world: int, local_rank: int | None) -> torch.device:
+    """This rank's device: under a group of several ranks a CUDA ``device`` becomes ``cuda:<local_rank>`` and
+    the current CUDA device; otherwise ``device`` as given."""
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device

@@ -50,7 +50,7 @@ def _train(a) -> None:
 
 
 def _sample(a) -> None:
-    from ..distributed import init_process_group_for
+    from ..distributed import init_process_group_for, rank_device
     from .adapter import load_local
     from .sampling import ddim, deq_ddim, disable_tf32
 
@@ -59,9 +59,7 @@ def _sample(a) -> None:
         disable_tf32()
     rank, world, local_rank = init_process_group_for(device)
     dist = world > 1
-    if dist and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    device = rank_device(device, world, local_rank)
     eps, schedule, unet, _ = load_local(a.model, device=device)
     shape = eps.sample_shape
     g = torch.Generator().manual_seed(a.seed)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import init_process_group_for
+from ..distributed import init_process_group_for, rank_device
 from ..results import save_torch_atomic
 from .evaluate import generate
 from .model import build_model, count_params
@@ -152,13 +152,10 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
 
     device = _device(cfg.device)
     rank, world, local_rank = init_process_group_for(device)
+    device = rank_device(device, world, local_rank)
     distributed = world > 1
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if cfg.batch_size % world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    if distributed and cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
