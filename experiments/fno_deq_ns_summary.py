@@ -28,7 +28,7 @@ from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script tha
 # the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols), and
 # FNO-DEQ with the Jacobian regulariser over the 48-epoch nu=0.001 grid
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
-         "fno_deq_ns_48ep_jac_reg10_nu0.001.json")
+         "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json")
 DEQ = "fno-deq"
 COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std", "met_by_median")
 
