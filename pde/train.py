@@ -148,7 +148,7 @@ class TrainConfig:
             raise ValueError(f"backward_tol must be > 0, got {self.backward_tol!r}")
         if self.jac_reg < 0 or (self.jac_reg > 0 and self.model != "fno-deq"):
             raise ValueError(f"jac_reg must be >= 0 and regularises fno-deq's fixed point only, got {self.jac_reg!r} "
-                             f"for {self.model}")
+                             f"for {self.model} (--jac-reg 0 turns it off)")
         if not self.lr > 0 or self.weight_decay < 0 or self.noise_level < 0 or not self.noise_scale > 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, noise_level >= 0 and noise_scale > 0, got {self.lr}, "
                              f"{self.weight_decay}, {self.noise_level}, {self.noise_scale}")
