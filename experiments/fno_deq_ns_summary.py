@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
 
 # the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols), and
-# FNO-DEQ with the Jacobian regulariser over the 48-epoch nu=0.001 grid
+# FNO-DEQ with the Jacobian regulariser over both 48-epoch grids
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
          "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json")
 DEQ = "fno-deq"
