@@ -40,6 +40,11 @@ def deq_variant(config: dict) -> str:
     return f"{DEQ} jac_reg {weight:g}" if weight else DEQ
 
 
+def variant_training(variant: str) -> str:
+    """What a ``deq_variant`` name adds to FNO-DEQ's: ``""``, or e.g. ``"jac_reg 10"``."""
+    return variant[len(DEQ) + 1:]
+
+
 def gather(paths: list[Path]) -> dict:
     """``{epochs: {viscosity: {setting: {model: {seed: test rel L2}}}}}`` from the files' finished runs, FNO-DEQ
     under its ``deq_variant`` name. A run recorded in two files with different errors is an error (the files
@@ -74,7 +79,7 @@ def compare(table: dict) -> dict:
         variants = {m for settings in table[epochs].values() for models in settings.values() for m in models
                     if m.startswith(DEQ)}
         for variant in sorted(variants, key=lambda v: (v != DEQ, v)):
-            key = str(epochs) if variant == DEQ else f"{epochs} {variant[len(DEQ) + 1:]}"
+            key = f"{epochs} {variant_training(variant)}".rstrip()
             out[key] = {"epochs": epochs, "fno_deq": variant, **_compare_row(table[epochs], variant)}
     return out
 
@@ -119,7 +124,7 @@ def _compare_row(settings_by_nu: dict, variant: str) -> dict:
 
 def row_label(row: dict) -> str:
     """``"48 epochs"``, or ``"48 epochs, FNO-DEQ jac_reg 10"`` for a variant's row."""
-    variant = row["fno_deq"][len(DEQ) + 1:]
+    variant = variant_training(row["fno_deq"])
     return f"{row['epochs']} epochs" + (f", FNO-DEQ {variant}" if variant else "")
 
 
