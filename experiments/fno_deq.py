@@ -644,9 +644,9 @@ MODEL_COLORS = {"fno-d4": "C0", "fno++-d4": "C1", "ifno": "C2", "fno-deq": "C3"}
 
 def _figure(accuracy: dict, memory: dict | None, problem: str):
     """Left: test error per setting, one bar per model that ran (mean of seeds, std bars, a dot per seed, so
-    one diverged run shows as itself rather than as a wide bar). Right: Darcy's
-    training memory against depth, or the clean runs' test-error curves (mean of seeds; one line style per
-    viscosity)."""
+    one diverged run shows as itself rather than as a wide bar; hatched where runs were cut short of their
+    epochs). Right: Darcy's training memory against depth, or the test-error curves (mean of seeds; one line
+    style per viscosity) of the clean runs, or of the first setting where a file has no clean cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -659,7 +659,9 @@ def _figure(accuracy: dict, memory: dict | None, problem: str):
     for i, n in enumerate(names):
         cells = [(jx, accuracy[k][s][n]["test_rel_l2"]) for jx, (k, s) in enumerate(panels) if n in accuracy[k][s]]
         a.bar([jx + i * w for jx, _ in cells], [c["mean"] for _, c in cells], yerr=[c["std"] for _, c in cells],
-              width=w, label=n, color=MODEL_COLORS[n])
+              width=w, label=n, color=MODEL_COLORS[n],
+              hatch=["//" if accuracy[k][s][n].get("complete") is False else "" for k, s in panels
+                     if n in accuracy[k][s]])
         seeds = [(jx + i * w, v) for jx, c in cells for v in c.get("values", [])]
         if seeds:
             a.plot(*zip(*seeds), "o", ms=3.5, mfc="white", mec="k", mew=0.8, zorder=3,
@@ -668,7 +670,8 @@ def _figure(accuracy: dict, memory: dict | None, problem: str):
                  [_short_label(k, s, problem) for k, s in panels], fontsize=7)
     a.set_ylabel("test relative L2\n(mean and std of seeds; dots: seeds)")
     a.legend(fontsize=8)
-    a.set_title(f"{problem}: test error per training setting")
+    cut = any(c.get("complete") is False for k, s in panels for c in accuracy[k][s].values())
+    a.set_title(f"{problem}: test error per training setting" + (" (hatched: runs cut short)" if cut else ""))
     if memory and memory.get("fno-deq") and memory["fno-deq"][0] is not None:
         for n in ("fno-deq", "ifno"):
             b.plot(memory["iterations"], [m / 2**20 for m in memory[n]], "o-", label=n, color=MODEL_COLORS[n])
@@ -677,16 +680,17 @@ def _figure(accuracy: dict, memory: dict | None, problem: str):
         b.legend()
         b.set_title("Training memory vs depth")
     else:
+        shown = {k: "clean" if "clean" in accuracy[k] else next(iter(accuracy[k]), "clean") for k in accuracy}
         for style, k in zip(("o-", "s--", "^:"), accuracy):
             for n in names:
-                curves = [dict(r["test_rel_l2_curve"]) for r in accuracy[k].get("clean", {}).get(n, {}).get("runs", [])
+                curves = [dict(r["test_rel_l2_curve"]) for r in accuracy[k].get(shown[k], {}).get(n, {}).get("runs", [])
                           if r.get("test_rel_l2_curve")]
                 epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 if epochs:  # runs reused from files that predate the curves have none
                     b.plot(epochs, [statistics.fmean(c[e] for c in curves) for e in epochs], style,
                            color=MODEL_COLORS[n], label=f"{k} {n}")
         b.set_xlabel("epoch")
-        b.set_ylabel("test relative L2 (clean, mean of seeds)")
+        b.set_ylabel(f"test relative L2 ({', '.join(sorted(set(shown.values())))}, mean of seeds)")
         b.set_yscale("log")
         if b.lines:
             b.legend(fontsize=7)

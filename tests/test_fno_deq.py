@@ -467,6 +467,33 @@ def test_fno_deq_experiment_figure_shows_only_the_models_that_ran_in_one_colour_
     assert {n: mcolors.to_hex(ln.get_color()) for n, ln in lines.items()} == bar_colour
     assert bar_colour["fno-d4"] != bar_colour["fno-deq"]
     assert list(lines["fno-deq"].get_ydata()) == pytest.approx([0.2, 0.075])
+    assert not any(p.get_hatch() for c in bars.containers if isinstance(c, BarContainer) for p in c.patches)
+    plt.close(fig)
+
+
+def test_fno_deq_experiment_figure_marks_cut_runs_and_plots_curves_without_a_clean_cell():
+    """A file of one noisy cell (e.g. extra seeds or a regulariser sweep in one setting) still gets its error
+    curves, labelled with that setting, and a cell whose runs were cut short of their epochs is hatched, so a
+    reader does not take its errors for final ones."""
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    mod = load_experiment("fno_deq")
+
+    def cell(curve, complete):
+        return {"runs": [{"test_rel_l2_curve": curve}], "complete": complete,
+                "test_rel_l2": {"mean": curve[-1][1], "std": 0.0, "values": [curve[-1][1]]}}
+
+    accuracy = {"ns-nu0.001": {"input-noise-0.001": {"fno-d4": cell([[12, 0.3], [24, 0.2]], True),
+                                                     "fno-deq": cell([[12, 0.25], [24, 0.15]], False)}}}
+    fig = mod._figure(accuracy, None, "ns")
+    bars, curves = fig.axes
+    hatch = {c.get_label(): str(c.patches[0].get_hatch() or "") for c in bars.containers
+             if isinstance(c, BarContainer)}
+    assert hatch == {"fno-d4": "", "fno-deq": "//"}
+    assert "cut short" in bars.get_title()
+    assert {ln.get_label() for ln in curves.lines} == {"ns-nu0.001 fno-d4", "ns-nu0.001 fno-deq"}
+    assert "input-noise-0.001" in curves.get_ylabel()
     plt.close(fig)
 
 
