@@ -657,12 +657,12 @@ def _figure(accuracy: dict, memory: dict | None, problem: str):
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(13, 4 + 1.1 * len(panels)), 4.2))
     w = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
-        cells = [(jx, accuracy[k][s][n]["test_rel_l2"]) for jx, (k, s) in enumerate(panels) if n in accuracy[k][s]]
-        a.bar([jx + i * w for jx, _ in cells], [c["mean"] for _, c in cells], yerr=[c["std"] for _, c in cells],
+        cells = [(jx, accuracy[k][s][n]) for jx, (k, s) in enumerate(panels) if n in accuracy[k][s]]
+        errors = [(jx, c["test_rel_l2"]) for jx, c in cells]
+        a.bar([jx + i * w for jx, _ in errors], [e["mean"] for _, e in errors], yerr=[e["std"] for _, e in errors],
               width=w, label=n, color=MODEL_COLORS[n],
-              hatch=["//" if accuracy[k][s][n].get("complete") is False else "" for k, s in panels
-                     if n in accuracy[k][s]])
-        seeds = [(jx + i * w, v) for jx, c in cells for v in c.get("values", [])]
+              hatch=["//" if c.get("complete") is False else "" for _, c in cells])
+        seeds = [(jx + i * w, v) for jx, e in errors for v in e.get("values", [])]
         if seeds:
             a.plot(*zip(*seeds), "o", ms=3.5, mfc="white", mec="k", mew=0.8, zorder=3,
                    label="seeds" if i == 0 else None)
