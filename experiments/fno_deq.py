@@ -484,6 +484,21 @@ def trained_on(runs: list[dict | None]) -> dict[str, str] | None:
     return {k: " + ".join(sorted({str(r.get(k)) for r in recorded})) for k in RUN_ENVIRONMENT}
 
 
+# a run's (its folder, seed, data), its noise setting's, and the machine's (``--device``: the collecting one's
+# where ``--collect-only`` runs elsewhere; the results file names the machines the runs trained on)
+RUN_KEYS = ("out", "seed", "data", "noise_level", "noise_on", "noise_scale", "device")
+
+
+def model_configs(train_jobs: list[dict]) -> dict[str, dict]:
+    """Each model's training config, less what belongs to one run, noise setting or machine. Taken from the model's
+    first planned run, so a plan without the clean cell (``--ns-settings input-noise-0.001``) still records
+    e.g. FNO-DEQ's Jacobian weight, which ``fno_deq_ns_summary.py`` tells its trainings apart by."""
+    models: dict[str, dict] = {}
+    for j in train_jobs:
+        models.setdefault(j["model"], {k: v for k, v in j["config"].items() if k not in RUN_KEYS})
+    return models
+
+
 def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     """Write the results files from the finished jobs; wall-clock time: the commands ``record_command`` logged
     on ``args.out`` (this one's since ``t_start`` where none did)."""
@@ -576,8 +591,7 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                   "epochs": args.epochs if problem == "darcy" else args.ns_epochs,
                   "seeds": args.seeds if problem == "darcy" else args.ns_seeds, "data": data_info,
                   "runs_finished": f"{n_done}/{len(train_jobs)}",
-                  "models": {j["model"]: {k: v for k, v in j["config"].items() if k not in ("out", "seed", "data")}
-                             for j in train_jobs if j["setting"] == "clean"},
+                  "models": model_configs(train_jobs),
                   "paper_test_rel_l2": PAPER.get(problem), "command_wall_clock_s": command_s}
         metrics = {"accuracy": accuracy, "memory_vs_iterations": memory, "runs": runs}
         name = "fno_deq_" + problem + ("_small" if args.small else "")

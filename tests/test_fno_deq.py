@@ -416,6 +416,33 @@ def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_pa
     assert written["peak_memory_bytes"] is None
 
 
+def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_path):
+    """A plan of one noisy NS cell still records each model's training config (FNO-DEQ's Jacobian weight
+    included, which the NS summary tells its trainings apart by), with no run's or setting's keys; a plan
+    with the clean cell records the same."""
+    import json
+
+    mod = load_experiment("fno_deq")
+    summary = load_experiment("fno_deq_ns_summary")
+    argv = ["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01", "--ns-seeds", "0", "--ns-epochs", "2",
+            "--ns-noise", "0.001", "--models", "fno-deq,fno-d4", "--jac-reg", "3", "--out", str(tmp_path)]
+    args = mod.build_parser().parse_args([*argv, "--ns-settings", "input-noise-0.001"])
+    jobs = mod.plan(args)
+    (tmp_path / "jobs").mkdir()
+    for j in jobs:
+        if j["kind"] == "train":
+            run = {"seed": j["seed"], "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2, "epoch_time_s": 1.0}
+            (tmp_path / "jobs" / f"{j['id']}.json").write_text(json.dumps(run))
+    (path,) = mod.collect(args, jobs, 0.0)
+    models = json.loads(path.read_text())["config"]["models"]
+    assert set(models) == {"fno-deq", "fno-d4"} and models["fno-deq"]["jac_reg"] == 3
+    run_keys = {"noise_level", "noise_on", "noise_scale", "seed", "out", "data", "device"}
+    assert not run_keys & {*models["fno-deq"], *models["fno-d4"]}
+    assert summary.deq_variant({"models": models}) == "fno-deq jac_reg 3"
+    with_clean = mod.build_parser().parse_args(argv)
+    assert mod.model_configs([j for j in mod.plan(with_clean) if j["kind"] == "train"]) == models
+
+
 def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
     """``--collect-only`` writes the results file from the job files in OUT/jobs: no data generated, no
     training started (seed 1 has no job file and stays missing), no command recorded, no wall-clock time."""
@@ -717,6 +744,9 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     assert cell["fno++-d4"]["ratio_of_means"] == pytest.approx(0.35 / 3 / 0.2) and cell["fno++-d4"]["met"]
     assert reg["totals"]["all"]["met"] == 2 and reg["totals"]["all"]["seed_wins"] == 6
     assert reg["pooled"]["ns-nu0.01"]["fno-d4"]["values"] == [0.3] * 3  # the variant's cells only
+    fig = mod.figure(summary)  # the partial row's legend entry says how many cells it has
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "ratio of medians", "24 epochs", "24 epochs, FNO-DEQ jac_reg 10 (1 of 2 cells)"]
     plain = summary["24"]  # the unregularised row as without d.json
     assert plain["fno_deq"] == "fno-deq" and plain["totals"]["all"]["met"] == 2
     assert plain["cells"]["ns-nu0.01"]["target-noise-0.001"]["test_rel_l2"]["fno-deq"]["values"] == [0.1, 0.9, 0.1]
