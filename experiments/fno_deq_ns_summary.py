@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
 
-# the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols), and
-# FNO-DEQ with the Jacobian regulariser over both 48-epoch grids
+# the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols),
+# FNO-DEQ with the Jacobian regulariser over both 48-epoch grids (weight 10), and weight 3 where it has run
+# (the nu=0.01 grid and one nu=0.001 cell, seeds 0-1: a partial row)
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
-         "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json")
+         "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json",
+         "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001_input_noise.json")
 DEQ = "fno-deq"
 COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std", "met_by_median")
 
@@ -128,9 +130,9 @@ def row_label(row: dict) -> str:
     return f"{row['epochs']} epochs" + (f", FNO-DEQ {variant}" if variant else "")
 
 
-def plot(summary: dict, path: Path) -> Path:
+def figure(summary: dict):
     """FNO-DEQ's ratio of means to the better baseline per cell, one bar per row (training length, FNO-DEQ
-    variant); a dot marks the ratio of medians."""
+    variant); a dot marks the ratio of medians. A row with cells not run says how many it has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +151,8 @@ def plot(summary: dict, path: Path) -> Path:
                 xs.append(j + i * w)
                 ys.append(max(cell[b]["ratio_of_means"] for b in BASELINES))  # against the better baseline
                 medians.append(max(cell[b]["ratio_of_medians"] for b in BASELINES))
-        ax.bar(xs, ys, width=w, label=row_label(per), color=f"C{i}")
+        partial = f" ({len(xs)} of {len(keys)} cells)" if len(xs) < len(keys) else ""
+        ax.bar(xs, ys, width=w, label=row_label(per) + partial, color=f"C{i}")
         ax.plot(xs, medians, "k.", ms=5, label="ratio of medians" if i == 0 else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], [_short_label(nu, s, "ns") for nu, s in keys],
@@ -158,6 +161,14 @@ def plot(summary: dict, path: Path) -> Path:
     ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by training length and FNO-DEQ training")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(summary: dict, path: Path) -> Path:
+    """:func:`figure`, saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(summary)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
