@@ -17,6 +17,11 @@ def init_process_group_for(device: torch.device) -> tuple[int, int, int | None]:
     if not dist.is_available():
         return 0, 1, None
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torch._dynamo (which diffusers imports) imported after the group starts keeps the gloo backend and
+        # its threads alive past destroy_process_group, and the process then aborts at exit now and then
+        # ("terminate called without an active exception"); imported first, destroy stops them.
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         return 0, 1, None
