@@ -690,6 +690,8 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     is a row of its own."""
     import json
 
+    import matplotlib.pyplot as plt
+
     mod = load_experiment("fno_deq_ns_summary")
 
     def results_file(name, epochs, errors, cut=(), jac_reg=None):
@@ -747,6 +749,7 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     fig = mod.figure(summary)  # the partial row's legend entry says how many cells it has
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
         "ratio of medians", "24 epochs", "24 epochs, FNO-DEQ jac_reg 10 (1 of 2 cells)"]
+    plt.close(fig)
     plain = summary["24"]  # the unregularised row as without d.json
     assert plain["fno_deq"] == "fno-deq" and plain["totals"]["all"]["met"] == 2
     assert plain["cells"]["ns-nu0.01"]["target-noise-0.001"]["test_rel_l2"]["fno-deq"]["values"] == [0.1, 0.9, 0.1]

@@ -365,6 +365,32 @@ def test_process_group_backend_follows_the_training_device(monkeypatch, device, 
     assert chosen == [backend]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_process_group_stops_its_gloo_threads_when_destroyed_even_with_dynamo_imported_after(tmp_path):
+    """``init_process_group_for`` then an import of torch._dynamo (diffusers imports it when the sampling CLI
+    loads the model), one collective and ``destroy_process_group``: no gloo thread is left. Left running, they
+    made a torchrun rank abort at exit now and then ("terminate called without an active exception")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "from implicit.distributed import init_process_group_for\n"
+        "init_process_group_for(torch.device('cpu'))\n"
+        "import torch._dynamo  # noqa: F401\n"
+        "parts = [None] * dist.get_world_size()\n"
+        "dist.all_gather_object(parts, torch.ones(2))\n"
+        "dist.destroy_process_group()\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "open(os.environ['RANK'] + '.txt', 'w').write(repr(sorted(n for n in names if 'gloo' in n)))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["[]", "[]"]  # gloo threads left
+
+
 def test_ddp_throughput_experiment_runs_one_and_two_processes(tmp_path):
     """``experiments/fno_deq_ddp.py --small``: one run per process count (torchrun, gloo), global batch scaled
     with the processes, throughput from the epoch times, the two-GPU target in the results file."""
