@@ -26,11 +26,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
 
 # the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols),
-# FNO-DEQ with the Jacobian regulariser over both 48-epoch grids (weight 10), and weight 3 where it has run
-# (the nu=0.01 grid and one nu=0.001 cell, seeds 0-1: a partial row)
+# and FNO-DEQ with the Jacobian regulariser over both 48-epoch grids at weights 10 and 3 (the NS config's)
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
          "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json",
-         "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001_input_noise.json")
+         "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001.json")
 DEQ = "fno-deq"
 COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std", "met_by_median")
 
