@@ -410,3 +410,13 @@ def test_ddp_throughput_experiment_runs_one_and_two_processes(tmp_path):
     assert all(r["samples_per_s"] > 0 and len(r["epoch_times_s"]) == 2 for r in runs.values())
     ratio = runs["2"]["samples_per_s"] / runs["1"]["samples_per_s"]
     assert res["targets"]["two_gpu_throughput_over_one"]["value"] == pytest.approx(ratio)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_training_or_evaluating_on_cuda_without_it_fails_clearly(darcy, tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(_cfg(darcy, tmp_path / "cuda", device="cuda"), progress=False, log=lambda m: None)
+    assert not (tmp_path / "cuda").exists()  # refused before anything is written
+    s = train(_cfg(darcy, tmp_path / "cpu", epochs=1), progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        evaluate(s["checkpoint"], darcy.parent / "darcy-t_test.h5", device="cuda:0")
