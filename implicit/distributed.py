@@ -1,10 +1,22 @@
-"""torchrun set-up shared by the training and sampling entry points (PDE operators, GET, DEQ-DDIM)."""
+"""Device and torchrun set-up shared by the training and sampling entry points (PDE operators, GET, DEQ-DDIM)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a ``--device`` / config name gives: ``"auto"`` is CUDA where present, else the CPU; a CUDA device
+    on a machine without CUDA is refused here, with a message that says so. Under torchrun ``rank_device`` then
+    gives each rank its own GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f'device "{name}" requested but CUDA is not available')
+    return dev
 
 
 def init_process_group_for(device: torch.device) -> tuple[int, int, int | None]:

@@ -12,22 +12,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["add_parser", "main", "resolve_device"]
-
-
-def resolve_device(name: str) -> "torch.device":  # noqa: F821
-    """``auto`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f'device "{name}" requested but CUDA is not available')
-    return dev
+__all__ = ["add_parser", "main"]
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from implicit.distributed import resolve_device
+
     from .datasets import generate, resolve_recipe
 
     path = resolve_recipe(args.recipe)

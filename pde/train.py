@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from implicit.distributed import init_process_group_for, rank_device
+from implicit.distributed import init_process_group_for, rank_device, resolve_device
 from implicit.results import save_torch_atomic
 
 from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
@@ -334,20 +334,9 @@ def relative_l2(pred: Tensor, target: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------- helpers
 
-def _resolve_device(name: str) -> torch.device:
-    """The device a config's ``device`` names: ``"auto"`` is CUDA where present, else the CPU. Under torchrun
-    ``rank_device`` then gives each rank its own GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f'device "{name}" requested but CUDA is not available')
-    return dev
-
-
 def _distributed(device: str) -> tuple[int, int, int | None]:
     """``(rank, world_size, local_rank)``; under torchrun, the process group for the device ``device`` names."""
-    return init_process_group_for(_resolve_device(device))
+    return init_process_group_for(resolve_device(device))
 
 
 def _amp_context(amp: str, device: torch.device):
@@ -433,7 +422,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     rank, world, local_rank = _distributed(cfg.device)
     main = rank == 0
     say = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
-    device = rank_device(_resolve_device(cfg.device), world, local_rank)
+    device = rank_device(resolve_device(cfg.device), world, local_rank)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     run = _run_dir(cfg)
@@ -647,7 +636,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     ``max_iter`` overrides FNO-DEQ's evaluation iteration limit, or IFNO's number of iterations (test-time
     depth). For IFNO, ``solver`` reports the last unrolled step's size, the block's residual there.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     op = load_model(str(checkpoint), map_location=dev).to(dev)
     ds = load_split(Path(data), limit=limit, subsample=subsample)
     if ds.x.shape[1] != op.net.in_channels or ds.y.shape[1] != op.net.out_channels:

@@ -330,4 +330,3 @@ def test_sampling_does_not_keep_the_model_alive():
     del eps
     gc.collect()
     assert alive() is None
-
