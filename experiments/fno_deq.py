@@ -13,7 +13,7 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   block unrolled 12 times), FNO-DEQ (Anderson, phantom gradient after a warm-up of unrolled steps; on
   Darcy the exact gradient with ``--paper-match``).
   Every model gets the same epochs; the warm-up is scaled with the epochs (the paper: 300 of 16000
-  steps).
+  steps on Darcy), at least two epochs and at most 300 steps.
 - Noise (the paper's protocol, :func:`pde.train.add_observation_noise`): Darcy variances up to 1e-3
   on the raw inputs, and on the raw targets; Navier-Stokes up to 1e-3 and 4e-3, scaled to the
   paper's signal-to-noise ratio (``noise_scale``, our NS fields are on another raw scale).
@@ -55,6 +55,11 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     python experiments/fno_deq.py --out B ... --ns-noise 0.004 --reuse A/fno_deq_ns.json --jobs 16   # machine 2
     mkdir -p M/jobs && cp A/jobs/*.json B/jobs/*.json M/jobs/   # then, on any machine:
     python experiments/fno_deq.py --out M ... --ns-noise 0.001,0.004 --collect-only
+    # the paper's NS data size and resolution (4500 / 500 at 128x128), nu=0.01 clean, on one H200 (the 9 runs need
+    # ~91 GB of GPU memory): repeat until done; --ns-epochs 8 then continues them (fno_deq_ns_paper_scale_*.json)
+    python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise '' --ns-viscosities 0.01 \\
+        --ns-train 4500 --ns-test 500 --ns-subsample 1 --models fno-deq,fno-d4,fno++-d4 --jac-reg 3 --jobs 9 \\
+        --ns-epochs 6
     # three more seeds (3,4,5) of one NS cell: --ns-settings picks it (the clean cell is always planned otherwise)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 3,4,5 --ns-noise 0.001 --ns-epochs 48 \\
         --ns-viscosities 0.001 --ns-settings input-noise-0.001 --models fno-deq,fno-d4,fno++-d4
@@ -586,7 +591,8 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         n_done = sum(1 for j in train_jobs if (results.get(j["id"]) or {}).get("epochs_done") == j["config"]["epochs"])
         data_info = {k: {"recipe": j["recipe"], "generation": results.get(j["id"])}
                      for k in keys for j in jobs if j["id"] == f"data-{k}"}
-        protocol = _protocol(args, problem, n_done, len(train_jobs))
+        warmup = model_configs(train_jobs).get("fno-deq", {}).get("pretrain_steps")
+        protocol = _protocol(args, problem, n_done, len(train_jobs), warmup)
         config = {"protocol": protocol, "small": args.small, "budget_s": args.budget_s, "concurrent_jobs": args.jobs,
                   "epochs": args.epochs if problem == "darcy" else args.ns_epochs,
                   "seeds": args.seeds if problem == "darcy" else args.ns_seeds, "data": data_info,
@@ -608,7 +614,9 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     return paths
 
 
-def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
+def _protocol(args, problem: str, n_done: int, n_all: int, warmup_steps: int | None = None) -> str:
+    """The results file's one-paragraph account of where this run matched the paper and where it did not
+    (``warmup_steps``: FNO-DEQ's unrolled warm-up as planned, None where it did not train)."""
     if args.small:
         return "SMALL CPU smoke run: toy data and model sizes; the numbers mean nothing."
     loss = ("relative L2 loss summed over the batch (the paper's)" if args.loss_reduction == "sum" else
@@ -622,10 +630,12 @@ def _protocol(args, problem: str, n_done: int, n_all: int) -> str:
                 "fixed per data set) and spectral convolutions without bias" if args.paper_match else
                 "per-channel normalisation (paper: a fixed per-dataset scale with mean 0); neuraloperator's spectral "
                 "convolutions with bias (paper: none)")
-    common = ("Every model the same epochs, batch 32, Adam with weight decay 1e-4; " + loss + "; " + norm + "; "
-              "FNO-DEQ warm-up scaled with the epochs (paper: 300 of 16000 steps)"
-              + (f"; FNO-DEQ with a Jacobian regulariser of weight {args.jac_reg:g} (paper: none)" if args.jac_reg
-                 else "") + ". Runs train concurrently on one GPU, so epoch times are concurrent times. ")
+    parts = ["Every model the same epochs, batch 32, Adam with weight decay 1e-4", loss, norm]
+    if warmup_steps is not None:
+        parts.append(f"FNO-DEQ's first {warmup_steps} steps unrolled, its warm-up (paper: 300 steps)")
+    if args.jac_reg:
+        parts.append(f"FNO-DEQ with a Jacobian regulariser of weight {args.jac_reg:g} (paper: none)")
+    common = "; ".join(parts) + ". Runs train concurrently on one GPU, so epoch times are concurrent times. "
     if problem == "darcy":
         models = args.models.replace(",", ", ") if args.models else "fno-d4, fno++-d4, ifno (12 unrolled), fno-deq"
         return (f"REDUCED protocol: {args.epochs} epochs (paper: 500), seeds {args.seeds} (paper: 3), models {models} "

@@ -419,7 +419,7 @@ def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_pa
 def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_path):
     """A plan of one noisy NS cell still records each model's training config (FNO-DEQ's Jacobian weight
     included, which the NS summary tells its trainings apart by), with no run's or setting's keys; a plan
-    with the clean cell records the same."""
+    with the clean cell records the same; the protocol text names FNO-DEQ's planned warm-up steps."""
     import json
 
     mod = load_experiment("fno_deq")
@@ -434,8 +434,11 @@ def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_
             run = {"seed": j["seed"], "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2, "epoch_time_s": 1.0}
             (tmp_path / "jobs" / f"{j['id']}.json").write_text(json.dumps(run))
     (path,) = mod.collect(args, jobs, 0.0)
-    models = json.loads(path.read_text())["config"]["models"]
+    config = json.loads(path.read_text())["config"]
+    models = config["models"]
     assert set(models) == {"fno-deq", "fno-d4"} and models["fno-deq"]["jac_reg"] == 3
+    # the protocol text names the warm-up the runs were planned with (it differs from the paper's 300 steps)
+    assert f"FNO-DEQ's first {models['fno-deq']['pretrain_steps']} steps unrolled" in config["protocol"]
     run_keys = {"noise_level", "noise_on", "noise_scale", "seed", "out", "data", "device"}
     assert not run_keys & {*models["fno-deq"], *models["fno-d4"]}
     assert summary.deq_variant({"models": models}) == "fno-deq jac_reg 3"
@@ -457,6 +460,7 @@ def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
     written = json.loads(path.read_text())
     assert written["device"] == "NVIDIA H100 80GB HBM3"
     assert written["config"]["runs_finished"] == "1/2" and written["wall_clock_s"] is None
+    assert "warm-up" not in written["config"]["protocol"]  # no FNO-DEQ planned, so no warm-up to name
     assert not (tmp_path / "commands.json").exists() and not (tmp_path / "data").exists()
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["train-ns-nu0.01-clean-fno-d4-s0.json"]
     with pytest.raises(SystemExit, match="none of the"):
