@@ -31,3 +31,33 @@ def test_bench_solvers_small_writes_results(tmp_path):
     assert rows["ours_anderson"]["converged"] and rows["torchdeq_anderson"]["converged"]
     assert all({"value", "target", "op", "met"} <= set(t) for t in data["targets"].values())
     assert (tmp_path / "solver_overhead.png").exists()
+
+
+def _refuses_cuda(call, out) -> None:
+    """``call()`` asks for CUDA on a machine without it: a ValueError that says so, before ``out`` is written."""
+    import pytest
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        call()
+    assert not out.exists()
+
+
+def test_diffusion_and_get_commands_refuse_cuda_on_a_machine_without_it(tmp_path):
+    """Every DEQ-DDIM and GET command resolves ``--device`` as PDE training does: a CUDA request on a CPU-only
+    machine fails at once with a clear message (before, it passed to torch, which failed later with
+    'Torch not compiled with CUDA enabled' once a model or file had been loaded, or in the placeholder paths
+    below, with a missing-file error)."""
+    import pytest
+    import torch
+
+    from implicit.get.train import TrainConfig, train
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "out"
+    for argv in (["diffusion", "train", "--out", str(out)], ["diffusion", "sample", "no-model", "--out", str(out)],
+                 ["diffusion", "invert", "no-model", "no-image.png", "--out", str(out)],
+                 ["get", "pairs", "no-teacher", "--out", str(out)], ["get", "sample", "no-run", "--out", str(out)]):
+        _refuses_cuda(lambda: main([*argv, "--device", "cuda"]), out)
+    _refuses_cuda(lambda: train(TrainConfig(pairs=str(tmp_path / "no-pairs.h5"), out=str(out), device="cuda"),
+                                progress=False), out)

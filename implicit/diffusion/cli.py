@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+from ..distributed import init_process_group_for, rank_device, resolve_device
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
@@ -45,16 +43,15 @@ def _train(a) -> None:
 
     cfg = TrainConfig(data=a.data, size=a.size, sample_size=a.sample_size, channels=a.channels, steps=a.steps,
                       batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every)
-    folder = train_teacher(a.out, cfg, device=_device(a.device))
+    folder = train_teacher(a.out, cfg, device=resolve_device(a.device))
     print(f"teacher saved to {folder} (load with diffusers.DDIMPipeline.from_pretrained or implicit.diffusion.load_local)")
 
 
 def _sample(a) -> None:
-    from ..distributed import init_process_group_for, rank_device
     from .adapter import load_local
     from .sampling import ddim, deq_ddim, disable_tf32
 
-    device = _device(a.device)
+    device = resolve_device(a.device)
     if a.no_tf32:
         disable_tf32()
     rank, world, local_rank = init_process_group_for(device)
@@ -133,7 +130,7 @@ def _invert(a) -> None:
     from .inversion import invert
     from .sampling import disable_tf32
 
-    device = _device(a.device)
+    device = resolve_device(a.device)
     if a.no_tf32:
         disable_tf32()
     eps, schedule, unet, _ = load_local(a.model, device=device)
@@ -179,7 +176,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=500)
-    t.add_argument("--device", default=None)
+    t.add_argument("--device", default="auto", help="auto: CUDA where present")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample with sequential DDIM, its CUDA-graph replay, DEQ-DDIM or a window")
@@ -196,7 +193,7 @@ def add_parser(subparsers) -> None:
                         "10-100x tighter --tol cut rounds 1.2-2x on small teachers at T=1000; larger can diverge)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/samples")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default="auto", help="auto: CUDA where present")
     s.add_argument("--no-graph", action="store_true",
                    help="deq/window: no CUDA-graph replay of the rounds (for a UNet whose forward cannot be captured)")
     s.add_argument("--no-tf32", action="store_true",
@@ -214,6 +211,6 @@ def add_parser(subparsers) -> None:
     i.add_argument("--lr", type=float, default=0.05)
     i.add_argument("--tol", type=float, default=1e-3)
     i.add_argument("--out", default="runs/invert")
-    i.add_argument("--device", default=None)
+    i.add_argument("--device", default="auto", help="auto: CUDA where present")
     i.add_argument("--no-tf32", action="store_true", help="float32 convolutions without TF32 (GPU)")
     i.set_defaults(func=_invert)

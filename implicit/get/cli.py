@@ -43,16 +43,11 @@ def add_parser(subparsers) -> None:
     s.set_defaults(func=_sample)
 
 
-def _device(name: str):
-    import torch
-
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def _pairs(args: argparse.Namespace) -> None:
+    from ..distributed import resolve_device
     from .pairs import teacher_sampler, write_pairs
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     options = {"tol": args.tol} if args.tol is not None and args.sampler == "deq-ddim" else {}
     fn, recipe = teacher_sampler(args.teacher, sampler=args.sampler, steps=args.steps, device=device, **options)
     path = write_pairs(args.out, fn, n=args.n, shape=tuple(recipe["teacher_shape"]), batch_size=args.batch_size,
@@ -71,11 +66,12 @@ def _train(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
+    from ..distributed import resolve_device
     from .evaluate import generate, save_grid
     from .pairs import chunk_noise
     from .train import load_generator
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_generator(args.run, ema=not args.no_ema, device=device)
     c = model.cfg
     x, y = chunk_noise(args.seed, 0, args.n, (c.channels, c.image_size, c.image_size), c.num_classes)

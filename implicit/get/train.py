@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import init_process_group_for, rank_device
+from ..distributed import init_process_group_for, rank_device, resolve_device
 from ..results import save_torch_atomic
 from .evaluate import generate
 from .model import build_model, count_params
@@ -101,12 +101,6 @@ def distill_loss(pred: Tensor, target: Tensor, kind: str = "l1", c: float | None
     raise ValueError(f'loss must be "l1" or "pseudo_huber", got "{kind}"')
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _batch_indices(seed: int, step: int, n: int, batch: int) -> Tensor:
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step) + 7)
     return torch.randint(0, n, (batch,), generator=g)
@@ -150,7 +144,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     """
     from tqdm.auto import tqdm
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     rank, world, local_rank = init_process_group_for(device)
     device = rank_device(device, world, local_rank)
     distributed = world > 1
