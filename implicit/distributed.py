@@ -48,3 +48,11 @@ def rank_device(device: torch.device, world: int, local_rank: int | None) -> tor
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+def setup_device(name: str) -> tuple[torch.device, int, int]:
+    """``(device, rank, world_size)`` for a ``--device`` / config name: :func:`resolve_device`, the process group
+    under torchrun (:func:`init_process_group_for`), then this rank's device (:func:`rank_device`)."""
+    device = resolve_device(name)
+    rank, world, local_rank = init_process_group_for(device)
+    return rank_device(device, world, local_rank), rank, world

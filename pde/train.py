@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from implicit.distributed import init_process_group_for, rank_device, resolve_device
+from implicit.distributed import resolve_device, setup_device
 from implicit.results import save_torch_atomic
 
 from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
@@ -334,11 +334,6 @@ def relative_l2(pred: Tensor, target: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------- helpers
 
-def _distributed(device: str) -> tuple[int, int, int | None]:
-    """``(rank, world_size, local_rank)``; under torchrun, the process group for the device ``device`` names."""
-    return init_process_group_for(resolve_device(device))
-
-
 def _amp_context(amp: str, device: torch.device):
     import contextlib
 
@@ -419,10 +414,9 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     included), so the checkpoint holds whole epochs and a later call resumes. The summary's
     ``stopped_early`` says whether it stopped before ``epochs``.
     """
-    rank, world, local_rank = _distributed(cfg.device)
+    device, rank, world = setup_device(cfg.device)
     main = rank == 0
     say = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
-    device = rank_device(resolve_device(cfg.device), world, local_rank)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     run = _run_dir(cfg)

@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from implicit.cli import main
 
 
@@ -35,8 +38,6 @@ def test_bench_solvers_small_writes_results(tmp_path):
 
 def _refuses_cuda(call, out) -> None:
     """``call()`` asks for CUDA on a machine without it: a ValueError that says so, before ``out`` is written."""
-    import pytest
-
     with pytest.raises(ValueError, match="CUDA is not available"):
         call()
     assert not out.exists()
@@ -47,9 +48,6 @@ def test_diffusion_and_get_commands_refuse_cuda_on_a_machine_without_it(tmp_path
     machine fails at once with a clear message (before, it passed to torch, which failed later with
     'Torch not compiled with CUDA enabled' once a model or file had been loaded, or in the placeholder paths
     below, with a missing-file error)."""
-    import pytest
-    import torch
-
     from implicit.get.train import TrainConfig, train
 
     if torch.cuda.is_available():

@@ -361,7 +361,9 @@ def test_process_group_backend_follows_the_training_device(monkeypatch, device, 
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert train_module._distributed(device) == (1, 2, 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)  # rank_device makes cuda:1 current
+    rank_dev, rank, world = train_module.setup_device(device)
+    assert (rank, world) == (1, 2) and str(rank_dev) == ("cpu" if device == "cpu" else "cuda:1")
     assert chosen == [backend]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import init_process_group_for, rank_device, resolve_device
+from ..distributed import resolve_device, setup_device
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
@@ -51,12 +51,10 @@ def _sample(a) -> None:
     from .adapter import load_local
     from .sampling import ddim, deq_ddim, disable_tf32
 
-    device = resolve_device(a.device)
+    device, rank, world = setup_device(a.device)
     if a.no_tf32:
         disable_tf32()
-    rank, world, local_rank = init_process_group_for(device)
     dist = world > 1
-    device = rank_device(device, world, local_rank)
     eps, schedule, unet, _ = load_local(a.model, device=device)
     shape = eps.sample_shape
     g = torch.Generator().manual_seed(a.seed)

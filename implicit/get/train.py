@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import init_process_group_for, rank_device, resolve_device
+from ..distributed import setup_device
 from ..results import save_torch_atomic
 from .evaluate import generate
 from .model import build_model, count_params
@@ -144,9 +144,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(cfg.device)
-    rank, world, local_rank = init_process_group_for(device)
-    device = rank_device(device, world, local_rank)
+    device, rank, world = setup_device(cfg.device)
     distributed = world > 1
     if distributed and cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} ranks")
