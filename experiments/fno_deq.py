@@ -591,13 +591,13 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         n_done = sum(1 for j in train_jobs if (results.get(j["id"]) or {}).get("epochs_done") == j["config"]["epochs"])
         data_info = {k: {"recipe": j["recipe"], "generation": results.get(j["id"])}
                      for k in keys for j in jobs if j["id"] == f"data-{k}"}
-        warmup = model_configs(train_jobs).get("fno-deq", {}).get("pretrain_steps")
-        protocol = _protocol(args, problem, n_done, len(train_jobs), warmup)
+        models = model_configs(train_jobs)
+        protocol = _protocol(args, problem, n_done, len(train_jobs), models.get("fno-deq", {}).get("pretrain_steps"))
         config = {"protocol": protocol, "small": args.small, "budget_s": args.budget_s, "concurrent_jobs": args.jobs,
                   "epochs": args.epochs if problem == "darcy" else args.ns_epochs,
                   "seeds": args.seeds if problem == "darcy" else args.ns_seeds, "data": data_info,
                   "runs_finished": f"{n_done}/{len(train_jobs)}",
-                  "models": model_configs(train_jobs),
+                  "models": models,
                   "paper_test_rel_l2": PAPER.get(problem), "command_wall_clock_s": command_s}
         metrics = {"accuracy": accuracy, "memory_vs_iterations": memory, "runs": runs}
         name = "fno_deq_" + problem + ("_small" if args.small else "")
