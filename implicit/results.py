@@ -76,6 +76,34 @@ def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def global_rng_state(device: torch.device | None = None) -> dict:
+    """torch's global random streams, for a checkpoint: draws from them during training (Hutchinson
+    probes, random initial states) then continue on resume exactly as in an uninterrupted run.
+
+    CPU and every initialised CUDA device; with a CUDA ``device``, that device's stream alone (one
+    process a device under DDP: each rank then restores rank 0's stream onto its own device).
+    """
+    if device is not None and device.type == "cuda":
+        cuda = [torch.cuda.get_rng_state(device)]
+    elif device is None and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    else:
+        cuda = []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_global_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`global_rng_state`'s streams (``device`` as given there). The states may have
+    been loaded onto a GPU (``map_location``); torch takes them as CPU byte tensors."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if not state["cuda"] or not torch.cuda.is_available():
+        return
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0].cpu(), device)
+    elif device is None:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def write_results(
     name: str,
     *,

@@ -90,15 +90,21 @@ def test_ifno_reports_its_last_step_and_evaluates_at_other_depths(darcy, tmp_pat
         evaluate(tmp_path / "fno" / "checkpoint.pt", test, device="cpu", max_iter=6)
 
 
-def test_resume_equals_uninterrupted(darcy, tmp_path):
-    full = train(_cfg(darcy, tmp_path / "a", epochs=3), progress=False, log=lambda m: None)
-    train(_cfg(darcy, tmp_path / "b", epochs=3), progress=False, log=lambda m: None, stop_after=1)
-    resumed = train(_cfg(darcy, tmp_path / "b", epochs=3), resume=True, progress=False, log=lambda m: None)
+@pytest.mark.parametrize("jac_reg, stop_after", [(0.0, 1), (1.0, 2)])
+def test_resume_equals_uninterrupted(darcy, tmp_path, jac_reg, stop_after):
+    """Also with the Jacobian regulariser, whose Hutchinson probes draw from torch's global stream:
+    stopped after epoch 2, past the warm-up (epoch 1), the checkpoint must carry that stream on."""
+    full = train(_cfg(darcy, tmp_path / "a", epochs=3, jac_reg=jac_reg), progress=False, log=lambda m: None)
+    train(_cfg(darcy, tmp_path / "b", epochs=3, jac_reg=jac_reg), progress=False, log=lambda m: None,
+          stop_after=stop_after)
+    torch.manual_seed(1234)  # a resuming process's stream is wherever it happens to be
+    resumed = train(_cfg(darcy, tmp_path / "b", epochs=3, jac_reg=jac_reg), resume=True, progress=False,
+                    log=lambda m: None)
     for k, v in full["final_state"].items():
         torch.testing.assert_close(resumed["final_state"][k], v, rtol=0, atol=0, msg=k)
     assert [r["train_rel_l2"] for r in resumed["history"]] == [r["train_rel_l2"] for r in full["history"]]
     with pytest.raises(ValueError, match="another configuration"):
-        train(_cfg(darcy, tmp_path / "b", epochs=3, lr=1e-2), progress=False, log=lambda m: None)
+        train(_cfg(darcy, tmp_path / "b", epochs=3, lr=1e-2, jac_reg=jac_reg), progress=False, log=lambda m: None)
 
 
 def _ddp_worker(rank, port, cfg, out):
@@ -332,6 +338,18 @@ def test_scale_normalizer_is_fitted_on_the_clean_training_fields(darcy, tmp_path
     assert state["x_normalizer.std"].item() == pytest.approx(x_raw.std().item(), rel=1e-4)
     assert state["y_normalizer.std"].item() == pytest.approx(y_raw.std().item(), rel=1e-4)
     assert state["x_normalizer.mean"].item() == 0.0 and state["y_normalizer.mean"].item() == 0.0
+
+
+def test_deadline_estimate_allows_for_the_dearer_epochs_after_the_warm_up():
+    """The budget's guess at the next epoch: the last epoch's wall time, larger when the last was all
+    unrolled warm-up and the next reaches the solves (warm-up steps 1..4, 2 steps an epoch)."""
+    from pde.train import WARMUP_TO_SOLVE_FACTOR, next_epoch_estimate
+
+    assert next_epoch_estimate(10.0, False, 1, 2, 4) == 10.0  # epoch 1: steps 3-4, still warm-up
+    assert next_epoch_estimate(10.0, False, 2, 2, 4) == 10.0 * WARMUP_TO_SOLVE_FACTOR  # steps 5-6: solves
+    assert next_epoch_estimate(10.0, True, 3, 2, 4) == 10.0  # past it
+    assert next_epoch_estimate(10.0, False, 2, 2, 0) == 10.0  # a model without warm-up (FNO: no solves)
+    assert WARMUP_TO_SOLVE_FACTOR > 1.5  # the H200's measured 1.51x beside other runs must fit
 
 
 def test_deadline_stops_at_an_epoch_boundary_and_resumes(darcy, tmp_path):

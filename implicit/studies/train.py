@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from implicit.results import save_torch_atomic
+from implicit.results import global_rng_state, save_torch_atomic, set_global_rng_state
 from implicit.solvers import NonConvergenceWarning, unroll
 
 from .data import TaskSet
@@ -198,7 +198,7 @@ def train_model(
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         gen.set_state(state["generator"])
-        _set_global_rng(state["global_rng"])
+        set_global_rng_state(state["global_rng"])
         history, step, elapsed = state["history"], state["step"], state["elapsed"]
         epoch0, position0, order0 = state["epoch"], state["position"], state["order"]
     start = time.perf_counter() - elapsed
@@ -207,7 +207,7 @@ def train_model(
     def save_state(epoch: int, position: int, order: Tensor) -> None:
         if resume is not None:
             save_torch_atomic({"spec": spec, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                               "generator": gen.get_state(), "global_rng": _global_rng(), "step": step,
+                               "generator": gen.get_state(), "global_rng": global_rng_state(), "step": step,
                                "history": history, "elapsed": time.perf_counter() - start, "epoch": epoch,
                                "position": position, "order": order.cpu()}, resume)
 
@@ -267,15 +267,3 @@ def _load_training_state(path: str | os.PathLike | None, spec: dict) -> dict | N
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("spec") == spec else None
-
-
-def _global_rng() -> dict:
-    """torch's global random streams (the random initial states draw from them)."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-
-
-def _set_global_rng(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
