@@ -407,13 +407,12 @@ def _predict(op: Operator, x_raw: Tensor, device: torch.device, batch_size: int,
 WARMUP_TO_SOLVE_FACTOR = 2.0
 
 
-def next_epoch_estimate(last_wall: float, last_solved: bool, epoch: int, steps_per_epoch: int,
-                        warmup_steps: int) -> float:
+def next_epoch_estimate(last_wall: float, epoch: int, steps_per_epoch: int, warmup_steps: int) -> float:
     """The deadline's guess at the wall time of epoch ``epoch`` (0-based): the previous epoch's,
     scaled by :data:`WARMUP_TO_SOLVE_FACTOR` when that one was all unrolled warm-up and this one
     reaches the solves (warm-up steps are 1..``warmup_steps``), which cost more. Without it a
     budgeted command overran its budget by the difference (fno_deq.py at 128x128)."""
-    crosses = warmup_steps > 0 and not last_solved and (epoch + 1) * steps_per_epoch > warmup_steps
+    crosses = epoch * steps_per_epoch <= warmup_steps < (epoch + 1) * steps_per_epoch
     return last_wall * (WARMUP_TO_SOLVE_FACTOR if crosses else 1.0)
 
 
@@ -523,12 +522,12 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    done, epoch_wall, last_solved = start_epoch, 0.0, True
+    done, epoch_wall = start_epoch, 0.0
     warmup = getattr(op.net, "pretrain_steps", 0)
     for epoch in range(start_epoch, last_epoch):
         if deadline is not None:
             # every rank decides alike: rank 0's clock and estimate are broadcast under DDP
-            estimate = next_epoch_estimate(epoch_wall, last_solved, epoch, len(loader), warmup)
+            estimate = next_epoch_estimate(epoch_wall, epoch, len(loader), warmup)
             stop = torch.tensor([float(time.time() + estimate > deadline)], device=device)
             if world > 1:
                 torch.distributed.broadcast(stop, 0)
@@ -619,7 +618,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             history.append(record)
         if world > 1:
             torch.distributed.barrier()
-        done, epoch_wall, last_solved = epoch + 1, time.perf_counter() - t_wall, bool(residuals)
+        done, epoch_wall = epoch + 1, time.perf_counter() - t_wall
     if bar is not None:
         bar.close()
     if done < last_epoch:

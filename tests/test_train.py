@@ -345,10 +345,10 @@ def test_deadline_estimate_allows_for_the_dearer_epochs_after_the_warm_up():
     unrolled warm-up and the next reaches the solves (warm-up steps 1..4, 2 steps an epoch)."""
     from pde.train import WARMUP_TO_SOLVE_FACTOR, next_epoch_estimate
 
-    assert next_epoch_estimate(10.0, False, 1, 2, 4) == 10.0  # epoch 1: steps 3-4, still warm-up
-    assert next_epoch_estimate(10.0, False, 2, 2, 4) == 10.0 * WARMUP_TO_SOLVE_FACTOR  # steps 5-6: solves
-    assert next_epoch_estimate(10.0, True, 3, 2, 4) == 10.0  # past it
-    assert next_epoch_estimate(10.0, False, 2, 2, 0) == 10.0  # a model without warm-up (FNO: no solves)
+    assert next_epoch_estimate(10.0, 1, 2, 4) == 10.0  # epoch 1: steps 3-4, still warm-up
+    assert next_epoch_estimate(10.0, 2, 2, 4) == 10.0 * WARMUP_TO_SOLVE_FACTOR  # steps 5-6: solves
+    assert next_epoch_estimate(10.0, 3, 2, 4) == 10.0  # past it
+    assert next_epoch_estimate(10.0, 2, 2, 0) == 10.0  # a model without warm-up (FNO: no solves)
     assert WARMUP_TO_SOLVE_FACTOR > 1.5  # the H200's measured 1.51x beside other runs must fit
 
 
