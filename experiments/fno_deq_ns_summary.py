@@ -8,7 +8,9 @@ errors pooled over the settings; per training length, the counts. The PNG beside
 the better baseline in each cell, one bar per training length and a dot for the ratio of medians, so the
 cells where the target is missed (above the line at 1) can be compared across lengths. A file whose FNO-DEQ
 trained with the Jacobian regulariser (``--jac-reg``, FNO-DEQ's setting alone) gives a row of its own, e.g.
-"48 jac_reg 10", against the same training length's baselines from the other files. CPU, seconds:
+"48 jac_reg 10", against the same training length's baselines from the other files. Files trained on other data
+(the paper-size cells: 4500/500 samples at 128x128, against the grids' 1000/200 at 64x64) give rows of their own,
+e.g. "6 jac_reg 3 (128x128, 4500/500)", so their seeds are never compared with the grids'. CPU, seconds:
 
     python experiments/fno_deq_ns_summary.py [--results experiments/results] [--files A.json,B.json]
 """
@@ -20,16 +22,21 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
 
 # the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols),
-# and FNO-DEQ with the Jacobian regulariser over both 48-epoch grids at weights 10 and 3 (the NS config's)
+# FNO-DEQ with the Jacobian regulariser over both 48-epoch grids at weights 10 and 3 (the NS config's), and the
+# cells run at the paper's data size (6 epochs, some continued to 8)
+PAPER_SIZE = ("6ep_clean_nu0.01", "6ep_clean_nu0.001", "6ep_input_noise_0.001_nu0.01", "6ep_target_noise_0.001_nu0.01",
+              "8ep_clean_nu0.01", "8ep_target_noise_0.001_nu0.01")
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
          "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json",
-         "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001.json")
+         "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001.json",
+         *(f"fno_deq_ns_paper_scale_{cell}.json" for cell in PAPER_SIZE))
 DEQ = "fno-deq"
 COUNTS = ("met", "comparisons", "seed_wins", "seed_comparisons", "lead_above_larger_std", "met_by_median")
 
@@ -41,54 +48,81 @@ def deq_variant(config: dict) -> str:
     return f"{DEQ} jac_reg {weight:g}" if weight else DEQ
 
 
+class DataSize(NamedTuple):
+    """The grid and sample counts a results file's runs trained and were tested on."""
+
+    resolution: int
+    train: int
+    test: int
+
+    def __str__(self) -> str:
+        return f"{self.resolution}x{self.resolution}, {self.train}/{self.test}"
+
+
+def data_size(config: dict) -> DataSize | None:
+    """The :class:`DataSize` a results file's ``config`` records (its data recipes' splits and grid, divided by
+    the runs' subsampling); ``None`` where it records no data. One file holds one size."""
+    subsample = {m.get("subsample", 1) for m in config.get("models", {}).values()} or {1}
+    sizes = {DataSize(data["recipe"]["navier_stokes"]["resolution"] // s, data["recipe"]["splits"]["train"],
+                      data["recipe"]["splits"]["test"]) for data in config.get("data", {}).values() for s in subsample}
+    if len(sizes) > 1:
+        raise ValueError(f"one results file, several data sizes: {sorted(map(str, sizes))}")
+    return sizes.pop() if sizes else None
+
+
 def variant_training(variant: str) -> str:
     """What a ``deq_variant`` name adds to FNO-DEQ's: ``""``, or e.g. ``"jac_reg 10"``."""
     return variant[len(DEQ) + 1:]
 
 
 def gather(paths: list[Path]) -> dict:
-    """``{epochs: {viscosity: {setting: {model: {seed: test rel L2}}}}}`` from the files' finished runs, FNO-DEQ
-    under its ``deq_variant`` name. A run recorded in two files with different errors is an error (the files
-    would disagree on which counts)."""
+    """``{(data size, epochs): {viscosity: {setting: {model: {seed: test rel L2}}}}}`` from the files' finished
+    runs, FNO-DEQ under its ``deq_variant`` name. A run recorded in two files with different errors is an error
+    (the files would disagree on which counts)."""
     table: dict = {}
     for path in paths:
         data = json.loads(path.read_text())
         epochs = data["config"]["epochs"]
+        size = data_size(data["config"])
         variant = deq_variant(data["config"])
         for nu, settings in data["metrics"]["accuracy"].items():
             for setting, models in settings.items():
                 for model, cell in models.items():
                     model = variant if model == DEQ else model
-                    seeds = table.setdefault(epochs, {}).setdefault(nu, {}).setdefault(setting, {}).setdefault(
+                    seeds = table.setdefault((size, epochs), {}).setdefault(nu, {}).setdefault(setting, {}).setdefault(
                         model, {})
                     for run in cell["runs"]:
                         if run["epochs_done"] != run["epochs"]:
                             continue  # cut by a budget: the error of fewer epochs
                         old = seeds.setdefault(run["seed"], run["test_rel_l2"])
                         if old != run["test_rel_l2"]:
-                            raise ValueError(f"{epochs} epochs, {nu} {setting} {model} seed {run['seed']}: "
+                            where = f"{epochs} epochs" + (f" at {size}" if size else "")
+                            raise ValueError(f"{where}, {nu} {setting} {model} seed {run['seed']}: "
                                              f"{old} in one file, {run['test_rel_l2']} in {path.name}")
     return table
 
 
 def compare(table: dict) -> dict:
-    """One row per training length and FNO-DEQ variant (key ``"48"``, or ``"48 jac_reg 10"``): each cell's
-    comparisons with the baselines of that length, the pooled errors per viscosity, and the counts (over all
-    cells, and per viscosity)."""
+    """One row per data size, training length and FNO-DEQ variant (key ``"48"``, ``"48 jac_reg 10"``, with the
+    size where the files record it: ``"6 jac_reg 3 (128x128, 4500/500)"``): each cell's comparisons with the
+    baselines of that size and length, the pooled errors per viscosity, and the counts (over all cells, and
+    per viscosity). Rows go by size (smallest first), then length."""
     out: dict = {}
-    for epochs in sorted(table):
-        variants = {m for settings in table[epochs].values() for models in settings.values() for m in models
+    for size, epochs in sorted(table, key=lambda k: (k[0] or DataSize(0, 0, 0), k[1])):
+        settings_by_nu = table[size, epochs]
+        variants = {m for settings in settings_by_nu.values() for models in settings.values() for m in models
                     if m.startswith(DEQ)}
         for variant in sorted(variants, key=lambda v: (v != DEQ, v)):
-            key = f"{epochs} {variant_training(variant)}".rstrip()
-            out[key] = {"epochs": epochs, "fno_deq": variant, **_compare_row(table[epochs], variant)}
+            key = f"{epochs} {variant_training(variant)}".rstrip() + (f" ({size})" if size else "")
+            out[key] = {"epochs": epochs, "data_size": str(size) if size else None, "fno_deq": variant,
+                        **_compare_row(settings_by_nu, variant)}
     return out
 
 
 def _compare_row(settings_by_nu: dict, variant: str) -> dict:
     """One training length's cells where ``variant`` ran, each against the baselines; pooled errors over
     those cells only, so a variant run on fewer settings is pooled like for like."""
-    cells, pooled, totals = {}, {}, {}
+    cells, pooled, totals = {}, {}, {"all": dict.fromkeys(COUNTS, 0)}  # zeros for a row with no baselines
     for nu, settings in settings_by_nu.items():
         for setting, all_models in settings.items():
             if variant not in all_models:
@@ -124,9 +158,11 @@ def _compare_row(settings_by_nu: dict, variant: str) -> dict:
 
 
 def row_label(row: dict) -> str:
-    """``"48 epochs"``, or ``"48 epochs, FNO-DEQ jac_reg 10"`` for a variant's row."""
+    """``"48 epochs"``, ``"48 epochs, FNO-DEQ jac_reg 10"`` for a variant's row, and the data size where known
+    (``"6 epochs, FNO-DEQ jac_reg 3, 128x128, 4500/500"``)."""
     variant = variant_training(row["fno_deq"])
-    return f"{row['epochs']} epochs" + (f", FNO-DEQ {variant}" if variant else "")
+    return (f"{row['epochs']} epochs" + (f", FNO-DEQ {variant}" if variant else "")
+            + (f", {row['data_size']}" if row.get("data_size") else ""))
 
 
 def figure(summary: dict):
@@ -157,7 +193,8 @@ def figure(summary: dict):
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], [_short_label(nu, s, "ns") for nu, s in keys],
                   fontsize=7)
     ax.set_ylabel("FNO-DEQ / better of FNO d4, FNO++ d4\n(mean test rel. L2; < 1: target met)")
-    ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by training length and FNO-DEQ training")
+    ax.set_title("Navier-Stokes: FNO-DEQ against the depth-4 baselines, by data size, training length and "
+                 "FNO-DEQ training")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

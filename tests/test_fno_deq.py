@@ -761,5 +761,25 @@ def test_ns_summary_compares_fno_deq_per_cell_and_training_length(tmp_path):
     results_file("c.json", 24, {("clean", "fno-deq"): [0.15]})
     with pytest.raises(ValueError, match="seed 0"):
         mod.main(["--results", str(tmp_path), "--files", "b.json,c.json"])
+    # the same seeds trained on more data at a finer grid (the paper-size cells): rows of their own, never
+    # compared with (or checked against) the smaller grid's runs of the same length
+    def with_size(name, resolution, train, subsample):
+        data = json.loads((tmp_path / name).read_text())
+        recipe = {"splits": {"train": train, "test": train // 5}, "navier_stokes": {"resolution": resolution}}
+        data["config"]["data"] = {"ns-nu0.01": {"recipe": recipe}}
+        data["config"].setdefault("models", {}).setdefault("fno-deq", {})["subsample"] = subsample
+        (tmp_path / name).write_text(json.dumps(data))
+
+    with_size("b.json", 128, 1000, 2)
+    with_size("c.json", 128, 4500, 1)
+    assert mod.main(["--results", str(tmp_path), "--files", "c.json,b.json"]) == 0
+    summary = json.loads((tmp_path / "fno_deq_ns_summary.json").read_text())["metrics"]
+    assert list(summary) == ["24 (64x64, 1000/200)", "24 (128x128, 4500/900)"]  # smaller data first
+    big = summary["24 (128x128, 4500/900)"]
+    assert big["data_size"] == "128x128, 4500/900" and list(big["cells"]["ns-nu0.01"]) == ["clean"]
+    assert big["cells"]["ns-nu0.01"]["clean"]["test_rel_l2"]["fno-deq"]["values"] == [0.15]
+    assert big["totals"]["all"]["comparisons"] == 0  # no baselines at this size: nothing compared
+    assert summary["24 (64x64, 1000/200)"]["totals"]["all"]["met"] == 2  # b.json's row as before
+    assert mod.row_label(big) == "24 epochs, 128x128, 4500/900"
     with pytest.raises(SystemExit):
         mod.main(["--results", str(tmp_path), "--files", "missing.json"])
