@@ -301,6 +301,14 @@ def test_teacher_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeyp
         assert torch.equal(a, b), name
     # the resumed run trained steps 3 and 4 (it did not just reload the step-2 weights)
     assert not all(torch.equal(at_step_2["unet"][k], v) for k, v in resumed.state_dict().items())
+    # a checkpoint from before the shared ``global_rng`` entry (keys ``rng`` / ``cuda_rng``) resumes the same
+    legacy = {k: v for k, v in at_step_2.items() if k != "global_rng"}
+    legacy.update(rng=at_step_2["global_rng"]["cpu"], cuda_rng=None)
+    (tmp_path / "old").mkdir()
+    torch.save(legacy, tmp_path / "old" / "checkpoint.pt")
+    old = UNet2DModel.from_pretrained(teacher_train.train_teacher(tmp_path / "old", cfg, progress=False) / "unet")
+    for (name, a), b in zip(whole.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_disable_tf32_turns_off_tf32_for_convolutions_and_matmuls():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..results import save_torch_atomic
+from ..results import global_rng_state, save_torch_atomic, set_global_rng_state
 
 __all__ = ["TrainConfig", "UNET_SIZES", "make_unet", "load_images", "train_teacher"]
 
@@ -93,6 +93,13 @@ class TrainConfig:
     save_every: int = 500
 
 
+def _legacy_rng_state(ckpt: dict) -> dict:
+    """The random state of a checkpoint written before ``global_rng`` (keys ``rng`` and ``cuda_rng``), in
+    :func:`implicit.results.global_rng_state`'s form, so older teacher runs still resume."""
+    cuda = ckpt.get("cuda_rng")
+    return {"cpu": ckpt["rng"], "cuda": [] if cuda is None else [cuda]}
+
+
 def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: str | torch.device = "cpu",
                   progress: bool = True) -> Path:
     """Train (or resume) a teacher in ``out``; returns the folder holding the saved pipeline."""
@@ -114,9 +121,7 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
         unet.load_state_dict(ckpt["unet"])
         opt.load_state_dict(ckpt["opt"])  # moves the state to the parameters' device
         start = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        set_global_rng_state(ckpt["global_rng"] if "global_rng" in ckpt else _legacy_rng_state(ckpt), device)
     scheduler = DDIMScheduler(num_train_timesteps=config.num_train_timesteps, clip_sample=True)
     ac = scheduler.alphas_cumprod.to(device)
     images = images.to(device)
@@ -138,9 +143,7 @@ def train_teacher(out: str | Path, config: TrainConfig = TrainConfig(), device: 
             steps.set_postfix(loss=f"{loss.item():.4f}")
         if (i + 1) % config.save_every == 0 or i + 1 == config.steps:
             save_torch_atomic({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": i + 1,
-                               "config": asdict(config), "rng": torch.get_rng_state(),
-                               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                              ckpt_path)
+                               "config": asdict(config), "global_rng": global_rng_state(device)}, ckpt_path)
     unet.eval()
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out / "pipeline")
     return out / "pipeline"
