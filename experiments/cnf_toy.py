@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from implicit.distributed import resolve_device
 from implicit.ode.cnf import CNF, TOY_DATASETS, toy_data, toy_log_density
 from implicit.results import target, write_results
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)
     cfg = dict(BIG if args.big else SMALL)
     if args.iters is not None:
         cfg["iters"] = args.iters

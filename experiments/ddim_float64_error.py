@@ -23,6 +23,7 @@ import time
 import torch
 
 from ddim_parallel import digits_teacher  # the same teacher recipe (this script's folder is on sys.path)
+from implicit.distributed import resolve_device
 from implicit.diffusion import ddim, deq_ddim, disable_tf32, load_local
 from implicit.results import target, write_results
 
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-tf32", action="store_true", help="float32 convolutions without TF32 (see ddim_parallel.py)")
     p.add_argument("--out", default="experiments/results")
     a = p.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device("auto")
     if a.no_tf32:
         disable_tf32()
     t_start = time.perf_counter()

@@ -52,6 +52,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from implicit.bench._timing import timed
+from implicit.distributed import resolve_device
 from implicit.diffusion import DDIMSchedule, ddim, deq_ddim, disable_tf32, invert, load_local
 from implicit.diffusion.train import TrainConfig, train_teacher
 from implicit.results import target, write_results
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
                         "convolutions in TF32 on Ampere and newer); writes ddim_parallel_notf32.json")
     p.add_argument("--out", default="experiments/results")
     a = p.parse_args(argv)
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(a.device)
     if a.no_tf32:
         disable_tf32()
     run = Run(a, dev, time.perf_counter())

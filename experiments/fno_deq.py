@@ -174,9 +174,11 @@ def plan(args) -> list[dict]:
     recs = {k: v for k, v in recipes(args).items() if k.split("-")[0] in problems or k in problems}
     jobs: list[dict] = []
     for key, r in recs.items():
-        jobs.append({"id": f"data-{key}", "kind": "data", "recipe": r, "dir": str(out / "data"), "needs": []})
+        jobs.append({"id": f"data-{key}", "kind": "data", "recipe": r, "dir": str(out / "data"), "needs": [],
+                     "device": args.device})
     if "darcy" in recs:
         jobs.append({"id": "memory", "kind": "memory", "needs": ["data-darcy"], "small": args.small,
+                     "device": args.device,
                      "train_file": str(out / "data" / f"{recs['darcy']['name']}_train.h5")})
     # every training waits for all the data: generating nu=0.001 beside a dozen trainings took 470 s on the
     # H100 (about 35 s alone), which left its own trainings one epoch
@@ -238,14 +240,14 @@ def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result_path = Path(spec["result"])
     if spec["kind"] == "data":
+        from implicit.distributed import resolve_device
         from pde.datasets import generate_split
 
-        import torch
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = resolve_device(spec.get("device"))
         t0 = time.perf_counter()
         for split in ("train", "test"):
             generate_split(spec["recipe"], split, spec["dir"], device=dev, progress=False)
-        _dump(result_path, {"seconds": time.perf_counter() - t0, "device": dev})
+        _dump(result_path, {"seconds": time.perf_counter() - t0, "device": str(dev)})
         return 0
     if spec["kind"] == "memory":
         _dump(result_path, memory_sweep(spec))
@@ -308,10 +310,11 @@ def memory_sweep(spec: dict) -> dict:
 
     import torch
 
+    from implicit.distributed import resolve_device
     from pde.models import build_model
     from pde.train import load_split, relative_l2
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(spec.get("device"))
     small = spec["small"]
     batch = 4 if small else 8  # a ratio is measured; batch 8 keeps IFNO at 48 iterations ~8 GB beside the others
     ds = load_split(Path(spec["train_file"]), limit=batch)
@@ -507,8 +510,7 @@ def model_configs(train_jobs: list[dict]) -> dict[str, dict]:
 def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     """Write the results files from the finished jobs; wall-clock time: the commands ``record_command`` logged
     on ``args.out`` (this one's since ``t_start`` where none did)."""
-    import torch
-
+    from implicit.distributed import resolve_device
     from implicit.results import target, write_results
 
     out = Path(args.out)
@@ -517,7 +519,7 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         p = out / "jobs" / f"{j['id']}.json"
         if p.is_file():
             results[j["id"]] = json.loads(p.read_text())
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    device = resolve_device(args.device)
     commands = out / "commands.json"
     # --collect-only with no commands.json (job files gathered from elsewhere): no wall-clock time to report
     command_s = (json.loads(commands.read_text()) if commands.is_file() else
@@ -790,10 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         args.ns_noise = "0.004"
         args.device = "cpu" if args.device == "auto" else args.device
         args.jobs = min(args.jobs, 2)
-    if args.device == "auto":
-        import torch
+    from implicit.distributed import resolve_device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(resolve_device(args.device))
     t_start = time.time()
     deadline = t_start + args.budget_s - (20 if args.small else 30)  # room to evaluate and write the results
     jobs = plan(args)

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from implicit.distributed import resolve_device  # noqa: E402
 from implicit.results import target, write_results  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
               "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
               "throughput": "training samples / median epoch time after the first (test evaluation excluded)"}
     name = "fno_deq_ddp" + ("_small" if a.small else "")
-    device = torch.device("cpu" if a.small or not torch.cuda.is_available() else "cuda")
+    device = resolve_device("cpu" if a.small else "auto")
     path = write_results(name, config=config, metrics=metrics, targets=targets, device=device,
                          wall_clock_s=time.perf_counter() - t_start, out_dir=a.out)
     print(targets, "\nwrote", path)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from implicit.bench._timing import timed
+from implicit.distributed import resolve_device
 from implicit.get.evaluate import (cluster_labels, digits_images, evaluate_generator, generate, tile_batch,
                                    train_feature_net)
 from implicit.get.model import build_model
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
     p = dict(SMALL if args.small else FULL)
     p["steps"] = args.steps or p["steps"]
     p["n_pairs"] = args.n_pairs or p["n_pairs"]
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

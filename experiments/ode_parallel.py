@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from implicit.bench._timing import timed
+from implicit.distributed import resolve_device
 from implicit.ode import odeint_parallel, odeint_sequential
 from implicit.results import target, write_results
 
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)
     dim, width = (8, 32) if args.small else (64, 256)
     Ks = (20, 50) if args.small else (100, 1000, 10000)
     batches = (1, 4) if args.small else (1, 64)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from implicit.distributed import resolve_device
 from pde import darcy, navier_stokes as ns
 from pde.datasets import generate_split, load_recipe
 from pde.grf import darcy_coefficient, sample_grf
@@ -357,8 +358,7 @@ def main(argv=None) -> None:
                          "cannot start are skipped, NS generation stops after the chunk that crosses it "
                          "(partial counts are written, files stay resumable)")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     if args.small:
         cfg = dict(darcy_resolution=65, darcy_samples=32, darcy_batch=16, scipy_samples=3, darcy_recipe="darcy-tiny",
                    viscosities=[0.01, 0.001], ns_resolutions=[24, 32], ns_batch=2,

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=45.0, help="training clock of each run")
     p.add_argument("--small", action="store_true", help="tiny mazes and model on the CPU")
     args = p.parse_args(argv)
+    from implicit.distributed import resolve_device
     from implicit.results import write_results
     from implicit.studies.mazes import make_mazes
     from implicit.studies.models import build_model
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(ROOT / "experiments" / "configs" / "path_independence.toml")
     spec = next(s for s in model_specs(config) if s["name"] == "maze_deq_progressive")
     spec = dict(spec, train_seconds=args.seconds, epochs=10**6)
-    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    device = resolve_device("cpu" if args.small else "auto")
     if args.small:
         spec.update(width=8, batch_size=16, budget=[2, 6])
     data = make_mazes(256 if args.small else 4096, 5 if args.small else config["tasks"]["maze"]["train_size"], seed=0)

@@ -7,11 +7,12 @@ import os
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device a ``--device`` / config name gives: ``"auto"`` is CUDA where present, else the CPU; a CUDA device
-    on a machine without CUDA is refused here, with a message that says so. Under torchrun ``rank_device`` then
-    gives each rank its own GPU."""
-    if name == "auto":
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device a ``--device`` / config name gives: ``"auto"`` (or ``None``) is CUDA where present, else the CPU;
+    a CUDA device on a machine without CUDA is refused here, with a message that says so. Under torchrun
+    ``rank_device`` then gives each rank its own GPU. Every entry point picks its device here, so a bad name fails
+    the same way everywhere, before any work."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .distributed import resolve_device
+
 _OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b}
 
 
@@ -24,7 +26,7 @@ def target(value: float, goal: float, op: str) -> dict:
 
 def device_name(device: torch.device | str | None = None) -> str:
     """Human-readable name of the device the numbers were measured on."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -120,7 +122,7 @@ def write_results(
     ``run_environment``) names where the numbers were made when that is not this process, e.g. runs trained
     on GPU machines and collected on a laptop; ``peak_memory_bytes`` likewise gives their peak where they ran
     in other processes (default: this process's CUDA peak)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     data = {
         "name": name,
         **(measured_on or run_environment(dev)),

@@ -249,7 +249,7 @@ def resolve_data(data: str, test_data: str | None = None, *, generate: bool = Tr
         if not path.is_file():
             if not generate:
                 raise FileNotFoundError(f"no data file {path}; run `implicit data generate {data}`")
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # the PCG solve is ~100x faster on a GPU
+            device = resolve_device("auto")  # the PCG solve is ~100x faster on a GPU
             log(f"generating {path} from recipe {r['name']} on {device} ...")
             generate_split(r, split, out, progress=False, device=device)
         paths[split] = path

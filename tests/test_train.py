@@ -385,6 +385,26 @@ def test_process_group_backend_follows_the_training_device(monkeypatch, device, 
     assert chosen == [backend]
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_resolve_device_defaults_and_refusals(monkeypatch, cuda):
+    """``"auto"`` and ``None`` pick CUDA where present; a named device passes through; CUDA on a machine
+    without it is refused with a message saying so, also by entry points that once picked their own device
+    (the solver benchmark failed deep inside torch instead)."""
+    from implicit.bench import solvers as bench_solvers
+    from implicit.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    expected = "cuda" if cuda else "cpu"
+    assert resolve_device("auto").type == resolve_device(None).type == resolve_device().type == expected
+    assert resolve_device(torch.device("cpu")) == resolve_device("cpu") == torch.device("cpu")
+    if not cuda:
+        for name in ("cuda", "cuda:1", torch.device("cuda")):
+            with pytest.raises(ValueError, match="CUDA is not available"):
+                resolve_device(name)
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            bench_solvers.run(device="cuda", small=True, repeats=1, out_dir="/nonexistent")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux's /proc")
 def test_process_group_stops_its_gloo_threads_when_destroyed_even_with_dynamo_imported_after(tmp_path):
     """``init_process_group_for`` then an import of torch._dynamo (diffusers imports it when the sampling CLI

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..deq import DEQ
+from ..distributed import resolve_device
 from ..results import target, write_results
 from ..solvers import SOLVERS
 from ._timing import peak_memory, timed
@@ -181,7 +182,7 @@ def plot(metrics: dict, path: Path) -> None:
 def run(device: str | None = None, small: bool = False, repeats: int = 5,
         out_dir: str = "experiments/results") -> Path:
     """Run both cases and write ``solver_overhead.json`` and ``.png`` under ``out_dir``."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     start = time.perf_counter()
     metrics, targets = {}, {}
     for case, build, limit in (("a_tanh", tanh_case, 2.0), ("b_fno", fno_case, 1.2)):

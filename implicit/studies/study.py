@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from implicit.distributed import resolve_device
 from implicit.results import save_torch_atomic, target, write_json_atomic, write_results
 
 from .data import TaskSet
@@ -376,9 +377,7 @@ def run_study(config: dict, *, progress: bool = True, only: list[str] | None = N
     the failure is named in ``metrics["failed"]``, and a ``RuntimeError`` follows; a re-run on the same
     run folder retries just the failed models."""
     start, wall_start = time.perf_counter(), time.time()
-    device_opt = config.get("device", "auto")
-    device = torch.device("cuda" if device_opt == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device_opt == "auto" else device_opt))
+    device = resolve_device(config.get("device", "auto"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few distinct conv shapes, reused thousands of times
     run_dir = Path(config.get("run_dir", "runs/path_independence"))
