@@ -298,8 +298,9 @@ def _train_worker(spec: dict, result_path: Path) -> int:
             res.update(test_solver_iters=ev["solver"]["n_iter_mean"],
                        test_solver_residual=ev["solver"]["residual_mean"],
                        test_solver_rel_residual=ev["solver"]["rel_residual_mean"])
-    res["peak_memory_bytes"] = s.get("peak_memory_bytes") if s["epochs_done"] > len(previous.get(
-        "train_rel_l2_per_epoch", [])) else previous.get("peak_memory_bytes")
+    trained_now = s["epochs_done"] > len(previous.get("train_rel_l2_per_epoch", []))
+    for k in ("peak_memory_bytes", "peak_memory_bytes_solving"):
+        res[k] = s.get(k) if trained_now else previous.get(k)
     _dump(result_path, res)
     return 0
 
@@ -541,7 +542,8 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                 continue
             cell = accuracy.setdefault(j["data"], {}).setdefault(j["setting"], {}).setdefault(j["model"], {"runs": []})
             cell["runs"].append({k: r.get(k) for k in ("seed", "test_rel_l2", "train_rel_l2", "epochs_done", "epochs",
-                                                     "epoch_time_s", "peak_memory_bytes", "test_solver_iters",
+                                                     "epoch_time_s", "peak_memory_bytes",
+                                                     "peak_memory_bytes_solving", "test_solver_iters",
                                                      "test_solver_rel_residual", "test_solver_residual",
                                                      "noise_scale", "wall_clock_s", "test_rel_l2_curve")})
         for data_key, per_setting in accuracy.items():
@@ -560,6 +562,9 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                     cell["epoch_time_s_concurrent"] = statistics.fmean(r["epoch_time_s"] for r in rs)
                     mem = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes")]
                     cell["peak_train_memory_bytes"] = max(mem) if mem else None
+                    solving = [r["peak_memory_bytes_solving"] for r in rs if r.get("peak_memory_bytes_solving")]
+                    if solving:  # FNO-DEQ past its warm-up: the implicit training's own peak
+                        cell["peak_train_memory_bytes_solving"] = max(solving)
                     # FNO-DEQ's test solve; IFNO's last unrolled step (runs before it was recorded have none)
                     for key in ("test_solver_iters", "test_solver_rel_residual"):
                         vals = [r.get(key) for r in rs]

@@ -398,8 +398,10 @@ def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_pa
     from implicit.results import run_environment
 
     mod = load_experiment("fno_deq")
-    a = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc", "peak_memory_bytes": 5e9}
-    b = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc", "peak_memory_bytes": 3e9}
+    a = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc", "peak_memory_bytes": 5e9,
+         "peak_memory_bytes_solving": 2e9}
+    b = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc", "peak_memory_bytes": 3e9,
+         "peak_memory_bytes_solving": 2.5e9}
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01",
                                           "--ns-seeds", "0,1,2", "--out", str(tmp_path / "m")])
     jobs, path = _ns_job_files(tmp_path / "m", {0: a, 1: b, 2: None})
@@ -408,12 +410,15 @@ def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_pa
     assert (written["device"], written["torch"], written["commit"]) == (
         "NVIDIA H100 80GB HBM3 + NVIDIA H200", "2.11.0+cu130", "abc")
     assert written["peak_memory_bytes"] == 5e9  # the largest run's, not the collecting process's
+    cell = written["metrics"]["accuracy"]["ns-nu0.01"]["clean"]["fno-d4"]
+    assert (cell["peak_train_memory_bytes"], cell["peak_train_memory_bytes_solving"]) == (5e9, 2.5e9)
     args.out = str(tmp_path / "old")
     jobs, path = _ns_job_files(tmp_path / "old", {0: None})
     mod.collect(args, jobs, 0.0)
     written = json.loads(path.read_text())
     assert {k: written[k] for k in ("device", "torch", "commit")} == run_environment("cpu")
     assert written["peak_memory_bytes"] is None
+    assert "peak_train_memory_bytes_solving" not in written["metrics"]["accuracy"]["ns-nu0.01"]["clean"]["fno-d4"]
 
 
 def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_path):

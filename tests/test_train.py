@@ -363,6 +363,23 @@ def test_deadline_stops_at_an_epoch_boundary_and_resumes(darcy, tmp_path):
     assert s["epochs_done"] == 3 and not s["stopped_early"] and len(s["history"]) == 3
 
 
+def test_training_memory_peak_is_reported_for_the_solve_phase_apart_from_the_warm_up(darcy, tmp_path):
+    """Epochs are flagged by whether every step went through the DEQ solve (FNO-DEQ after its unrolled
+    warm-up), and the summary's ``peak_memory_bytes_solving`` takes only those epochs' peaks: the warm-up keeps
+    its iterations' graph, so its peak is not the implicit training's. (CPU runs record no peaks; the epoch
+    peaks are supplied here as a GPU run records them.)"""
+    from pde.train import peak_training_memory
+
+    steps_per_epoch = -(-RECIPE["splits"]["train"] // 8)  # at batch 8
+    s = train(_cfg(darcy, tmp_path / "d", pretrain_steps=steps_per_epoch + 1), progress=False, log=lambda m: None)
+    flags = [h.get("all_steps_solved") for h in s["history"]]
+    assert flags == [None, False, True]  # all warm-up (no solve), warm-up then solves, all solves
+    history = [dict(h, peak_memory_bytes=peak) for h, peak in zip(s["history"], (900, 700, 400))]
+    assert peak_training_memory(history, current=350) == {"peak_memory_bytes": 900, "peak_memory_bytes_solving": 400}
+    assert peak_training_memory(history[:2]) == {"peak_memory_bytes": 900}  # no epoch all solved yet
+    assert "peak_memory_bytes" not in s  # nothing measured on the CPU
+
+
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
 def test_process_group_backend_follows_the_training_device(monkeypatch, device, backend):
     """Under torchrun on a GPU machine, ``--device cpu`` trains with gloo (NCCL rejects CPU tensors; this
