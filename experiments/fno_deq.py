@@ -210,6 +210,9 @@ def plan(args) -> list[dict]:
         models = _subset(models, args.models, "--models")
         if args.solver_graph and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], solver_graph=True)
+        if args.checkpoint_unrolled:  # FNO-DEQ's warm-up and IFNO recompute their iterations in the backward
+            for name in {"fno-deq", "ifno"} & set(models):
+                models[name] = dict(models[name], checkpoint_unrolled=True)
         if args.jac_reg and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], jac_reg=args.jac_reg)
         if darcy and args.paper_match and "fno-deq" in models:
@@ -764,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "FNO-DEQ with the exact gradient, adjoint tolerance 1e-4); NS: no spectral bias and the "
                         "paper's normaliser (mean 0, a scale per field; with --loss-reduction sum, the paper's loss "
                         "too); default: the earlier settings")
+    p.add_argument("--checkpoint-unrolled", action="store_true",
+                   help="FNO-DEQ's warm-up and IFNO recompute their unrolled iterations in the backward (same "
+                        "gradients, less memory: the NS warm-up's peak is about twice the implicit training's)")
     p.add_argument("--solver-graph", action="store_true",
                    help="FNO-DEQ's forward solve replayed as a CUDA graph (same results, ~1.14x faster epochs)")
     p.add_argument("--jac-reg", type=float, default=0.0,

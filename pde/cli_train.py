@@ -52,6 +52,9 @@ _FLAGS = {
     "--backward-max-iter": ("backward_max_iter", int, "ift: adjoint solve iterations (default: --max-iter)"),
     "--pretrain-steps": ("pretrain_steps", int, "fno-deq: first training steps run unrolled iterations"),
     "--pretrain-iter": ("pretrain_iter", int, "fno-deq: unrolled iterations during pretraining"),
+    "--checkpoint-unrolled": ("checkpoint_unrolled", _flag_bool,
+                              "ifno and fno-deq's warm-up: recompute unrolled iterations in the backward "
+                              "(less memory, same gradient; true | false)"),
     "--jac-reg": ("jac_reg", float, "fno-deq: weight of the Jacobian regulariser at the fixed point (0: off)"),
     "--jac-reg-samples": ("jac_reg_samples", int, "fno-deq: Hutchinson probes of the Jacobian regulariser"),
     "--epochs": ("epochs", int, "training epochs"),

@@ -90,6 +90,9 @@ class TrainConfig:
     backward_max_iter: int | None = None
     pretrain_steps: int = 300
     pretrain_iter: int = 8
+    # ifno, and fno-deq's warm-up: recompute each unrolled iteration in the backward instead of keeping its
+    # activations (torch.utils.checkpoint; the same gradient for about one more forward per iteration)
+    checkpoint_unrolled: bool = False
     # fno-deq: weight of the Jacobian regulariser ||df/dz||_F^2 / n at the fixed point (Bai et al., 2021), a
     # Hutchinson estimate with jac_reg_samples probes per step, added to the loss as reduced (so with
     # loss_reduction="sum" the same weight counts batch_size times less); 0 (the paper's setting) turns it off
@@ -149,6 +152,9 @@ class TrainConfig:
         if self.jac_reg < 0 or (self.jac_reg > 0 and self.model != "fno-deq"):
             raise ValueError(f"jac_reg must be >= 0 and regularises fno-deq's fixed point only, got {self.jac_reg!r} "
                              f"for {self.model} (--jac-reg 0 turns it off)")
+        if self.checkpoint_unrolled and self.model not in ("ifno", "fno-deq"):
+            raise ValueError(f"checkpoint_unrolled recomputes ifno's and fno-deq's warm-up iterations; {self.model} "
+                             "unrolls nothing")
         if not self.lr > 0 or self.weight_decay < 0 or self.noise_level < 0 or not self.noise_scale > 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, noise_level >= 0 and noise_scale > 0, got {self.lr}, "
                              f"{self.weight_decay}, {self.noise_level}, {self.noise_scale}")
@@ -162,6 +168,8 @@ class TrainConfig:
             kw["depth"] = self.depth
         elif self.model == "ifno":
             kw["iterations"] = self.iterations
+            if self.checkpoint_unrolled:
+                kw["checkpoint_unrolled"] = True
         elif self.model == "fno-deq":
             opts = {} if self.backward in ("ift", "jfb") else {"steps": self.backward_steps}
             if self.backward == "phantom":
@@ -176,6 +184,8 @@ class TrainConfig:
                 kw["solver_options"] = {"graph": True}
             if self.jac_reg > 0:
                 kw["jac_reg_samples"] = self.jac_reg_samples
+            if self.checkpoint_unrolled:
+                kw["checkpoint_unrolled"] = True
         return kw
 
 

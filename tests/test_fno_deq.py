@@ -94,6 +94,40 @@ def test_pretrain_steps_unroll_then_solve():
     assert m.last_stats["mode"] == "deq" and int(m.train_steps) == 3
 
 
+def _saved_bytes_and_grads(m, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """Bytes autograd keeps for the backward of one training forward, and the parameter gradients."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m(x)
+    grads = torch.autograd.grad(out.square().sum(), [p for p in m.parameters() if p.requires_grad])
+    return saved[0], grads
+
+
+@pytest.mark.parametrize("name,kw", [("ifno", {"iterations": 6}),
+                                     ("fno-deq", {"max_iter": 4, "pretrain_steps": 5, "pretrain_iter": 6})])
+def test_checkpoint_unrolled_keeps_the_gradient_and_stores_far_less(name, kw):
+    """IFNO and FNO-DEQ's warm-up with ``checkpoint_unrolled``: the same parameter gradients to float64
+    rounding, and autograd keeps about one state per iteration instead of the block's activations (the
+    warm-up needed twice the implicit training's GPU memory at the paper's NS size)."""
+    x = _x()
+    results = {}
+    for ck in (False, True):
+        torch.manual_seed(0)
+        m = cast_model(build_model(name, **TINY, checkpoint_unrolled=ck, **kw), torch.float64)
+        results[ck] = _saved_bytes_and_grads(m, x)
+        if name == "fno-deq":
+            assert m.last_stats["mode"] == "pretrain"
+    (full, g_full), (ckpt, g_ckpt) = results[False], results[True]
+    for a, b in zip(g_full, g_ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ckpt < full / 4
+
+
 @pytest.mark.parametrize("name,kw", [("fno", {"depth": 2}), ("fno++", {"depth": 2}), ("ifno", {"iterations": 3}),
                                      ("fno-deq", {"max_iter": 4})])
 def test_models_rebuild_from_config_and_state(name, kw):
@@ -333,6 +367,10 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     regularised = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--jac-reg", "2"])) if j["kind"] == "train"]
     assert {j["model"] for j in regularised if j["config"].get("jac_reg") == 2.0} == {"fno-deq"}
     assert not any("jac_reg" in j["config"] for j in everything)
+    recomputed = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--checkpoint-unrolled"]))
+                  if j["kind"] == "train"]
+    assert {j["model"] for j in recomputed if j["config"].get("checkpoint_unrolled")} == {"fno-deq", "ifno"}
+    assert not any("checkpoint_unrolled" in j["config"] for j in everything)
     matched = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--paper-match"])) if j["kind"] == "train"]
     assert all(j["config"]["normalizer"] == "pointwise" and j["config"]["spectral_bias"] is False for j in matched)
     assert {j["model"] for j in matched if j["config"].get("backward") == "ift"} == {"fno-deq"}

@@ -224,3 +224,36 @@ def test_a_cached_solver_loop_is_reused_for_its_function_and_dropped_with_it():
     del f
     gc.collect()
     assert key() is None and len(_LOOP_CACHE) == cached_before
+
+
+def test_unroll_checkpoint_same_iterates_and_gradient_one_state_kept_per_iteration():
+    """``unroll(checkpoint=True)`` recomputes ``f`` in the backward: the same ``z_K`` and gradient, while
+    autograd keeps one state per iteration (without it, every activation of every application)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16)).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+
+    def run(checkpoint: bool, k: int):
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            z = unroll(lambda z: 0.5 * torch.tanh(net(z)) + x, torch.zeros_like(x), max_iter=k,
+                       checkpoint=checkpoint).z
+        return saved[0], z, torch.autograd.grad(z.square().sum(), list(net.parameters()))
+
+    state = x.numel() * x.element_size()
+    full8, z_full, g_full = run(False, 8)
+    ck8, z_ck, g_ck = run(True, 8)
+    ck16, _, _ = run(True, 16)
+    torch.testing.assert_close(z_ck, z_full, rtol=0, atol=0)
+    for a, b in zip(g_ck, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert ck16 - ck8 == 8 * state  # one state per extra iteration
+    assert full8 > 10 * ck8
+    with torch.no_grad():  # no autograd: nothing to recompute, the plain loop
+        torch.testing.assert_close(unroll(lambda z: 0.5 * torch.tanh(net(z)) + x, torch.zeros_like(x), max_iter=8,
+                                          checkpoint=True).z, z_full.detach())

@@ -191,6 +191,8 @@ def test_jacobian_regularisation_makes_the_tied_block_contract_more(darcy, tmp_p
         _cfg(darcy, tmp_path, model="fno", jac_reg=1.0)
     with pytest.raises(ValueError, match="jac_reg"):
         _cfg(darcy, tmp_path, jac_reg=-1.0)
+    with pytest.raises(ValueError, match="checkpoint_unrolled"):
+        _cfg(darcy, tmp_path, model="fno++", checkpoint_unrolled=True)
 
 
 def test_summed_loss_is_an_option_that_changes_training(darcy, tmp_path):

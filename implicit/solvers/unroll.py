@@ -19,7 +19,7 @@ from ._result import SolverResult, Status
 
 
 def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: float | None = None,
-           iterates: bool = False, **_: Any) -> SolverResult:
+           iterates: bool = False, checkpoint: bool = False, **_: Any) -> SolverResult:
     """``z_k = f(z_{k-1})`` for ``k = 1..max_iter`` from ``z0`` (B, ...), differentiable throughout.
 
     Args:
@@ -29,6 +29,10 @@ def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: flo
         tol: relative residual at or below which a sample is marked ``CONVERGED`` (``None``: every
             sample is ``MAX_ITER``); it never stops the loop.
         iterates: keep ``z_1, ..., z_K`` in ``result.stats["iterates"]`` (a list, with graphs).
+        checkpoint: under autograd, keep only each iterate for the backward and recompute ``f``'s
+            activations there (``torch.utils.checkpoint``, non-reentrant): the same gradient, memory that
+            grows by one state per iteration instead of one pass of ``f``'s activations, at about one more
+            forward of ``f`` per iteration.
 
     Returns:
         A :class:`SolverResult` with ``z = z_K`` and the last step's residual ``||z_K - z_{K-1}||``
@@ -39,9 +43,15 @@ def unroll(f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: flo
     """
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"unroll needs max_iter >= 1 applications of f, got {max_iter!r}")
+    step = f
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as recompute
+
+        def step(z: Tensor) -> Tensor:
+            return recompute(f, z, use_reentrant=False)
     z, kept = z0, []
     for _ in range(int(max_iter)):
-        prev, z = z, f(z)
+        prev, z = z, step(z)
         if iterates:
             kept.append(z)
     with torch.no_grad():
