@@ -96,16 +96,10 @@ def test_pretrain_steps_unroll_then_solve():
 
 def _saved_bytes_and_grads(m, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
     """Bytes autograd keeps for the backward of one training forward, and the parameter gradients."""
-    saved = [0]
+    from implicit.bench._timing import saved_for_backward_bytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = m(x)
-    grads = torch.autograd.grad(out.square().sum(), [p for p in m.parameters() if p.requires_grad])
-    return saved[0], grads
+    saved, out = saved_for_backward_bytes(lambda: m(x))
+    return saved, torch.autograd.grad(out.square().sum(), [p for p in m.parameters() if p.requires_grad])
 
 
 @pytest.mark.parametrize("name,kw", [("ifno", {"iterations": 6}),
@@ -611,6 +605,21 @@ def test_ift_adjoint_tolerance_and_budget_reach_the_backward_solve():
         TrainConfig(model="fno-deq", backward_max_iter=0)
     with pytest.raises(ValueError, match="backward_tol"):
         TrainConfig(model="fno-deq", backward_tol=-1.0)
+
+
+def test_warmup_memory_experiment_counts_each_phase_and_checks_the_recomputed_gradient(tmp_path):
+    """``fno_deq_warmup_memory.py --small``: the warm-up keeps more for its backward than the implicit step,
+    the recomputed warm-up less than either, with the same gradient."""
+    import json
+
+    load_experiment("fno_deq_warmup_memory").main(["--small", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "fno_deq_warmup_memory_small_cpu.json").read_text())
+    saved = {k: v["saved_for_backward_bytes"] for k, v in written["metrics"]["phases"].items()}
+    assert saved["warm-up, recomputed"] < saved["implicit"] < saved["warm-up"]
+    assert [v["model_mode"] for v in written["metrics"]["phases"].values()] == ["pretrain", "pretrain", "deq"]
+    assert written["metrics"]["recomputed_warmup_max_rel_grad_diff"] <= 1e-6
+    assert all(t["met"] for t in written["targets"].values())
+    assert (tmp_path / "fno_deq_warmup_memory_small_cpu.png").is_file()
 
 
 def test_darcy_variants_experiment_trains_each_variant_with_its_settings(tmp_path):

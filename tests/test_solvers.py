@@ -7,6 +7,7 @@ import pytest
 import torch
 from problems import linear_contraction, picard_divergent, tanh_problem
 
+from implicit.bench._timing import saved_for_backward_bytes
 from implicit.solvers import SOLVERS, Status, anderson, broyden, get_solver, picard, register_solver, solve, unroll
 
 FIXED_POINT = ["picard", "anderson", "broyden"]
@@ -234,16 +235,9 @@ def test_unroll_checkpoint_same_iterates_and_gradient_one_state_kept_per_iterati
     x = torch.randn(8, 16, dtype=torch.float64)
 
     def run(checkpoint: bool, k: int):
-        saved = [0]
-
-        def pack(t):
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            z = unroll(lambda z: 0.5 * torch.tanh(net(z)) + x, torch.zeros_like(x), max_iter=k,
-                       checkpoint=checkpoint).z
-        return saved[0], z, torch.autograd.grad(z.square().sum(), list(net.parameters()))
+        saved, z = saved_for_backward_bytes(lambda: unroll(lambda z: 0.5 * torch.tanh(net(z)) + x, torch.zeros_like(x),
+                                                           max_iter=k, checkpoint=checkpoint).z)
+        return saved, z, torch.autograd.grad(z.square().sum(), list(net.parameters()))
 
     state = x.numel() * x.element_size()
     full8, z_full, g_full = run(False, 8)
@@ -253,7 +247,7 @@ def test_unroll_checkpoint_same_iterates_and_gradient_one_state_kept_per_iterati
     for a, b in zip(g_ck, g_full):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert ck16 - ck8 == 8 * state  # one state per extra iteration
-    assert full8 > 10 * ck8
+    assert full8 > 4 * ck8
     with torch.no_grad():  # no autograd: nothing to recompute, the plain loop
         torch.testing.assert_close(unroll(lambda z: 0.5 * torch.tanh(net(z)) + x, torch.zeros_like(x), max_iter=8,
                                           checkpoint=True).z, z_full.detach())

@@ -1,4 +1,4 @@
-"""Wall-clock timing that waits for the device, and peak-memory measurement."""
+"""Wall-clock timing that waits for the device, and memory measurement (CUDA peak, autograd's saved bytes)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def saved_for_backward_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Bytes of the tensors autograd keeps for the backward while ``fn()`` runs (each storage counted
+    once), and ``fn()``'s output. What a training step holds between its forward and its backward, on any
+    device: on a GPU it is most of the step's peak, and it can be counted where no GPU is at hand."""
+    storages: dict[tuple[int, str], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[(s.data_ptr(), str(t.device))] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
