@@ -168,8 +168,6 @@ class TrainConfig:
             kw["depth"] = self.depth
         elif self.model == "ifno":
             kw["iterations"] = self.iterations
-            if self.checkpoint_unrolled:
-                kw["checkpoint_unrolled"] = True
         elif self.model == "fno-deq":
             opts = {} if self.backward in ("ift", "jfb") else {"steps": self.backward_steps}
             if self.backward == "phantom":
@@ -184,8 +182,8 @@ class TrainConfig:
                 kw["solver_options"] = {"graph": True}
             if self.jac_reg > 0:
                 kw["jac_reg_samples"] = self.jac_reg_samples
-            if self.checkpoint_unrolled:
-                kw["checkpoint_unrolled"] = True
+        if self.checkpoint_unrolled:  # ifno or fno-deq (__post_init__ refuses the others)
+            kw["checkpoint_unrolled"] = True
         return kw
 
 
@@ -559,7 +557,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        total, count, steps, iters, residuals, jacs = 0.0, 0, 0, [], [], []
+        total, count, iters, residuals, jacs = 0.0, 0, [], [], []
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
@@ -581,7 +579,6 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 sched.step()
             total += float(loss.detach()) * xb.shape[0]
             count += xb.shape[0]
-            steps += 1
             if op.net.last_stats is not None:
                 iters.append(op.net.last_stats.get("n_iter", 0.0))
             if solved:  # a block that stops contracting shows here before the loss blows up
@@ -605,7 +602,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             record["train_solver_iters"] = sum(iters) / len(iters)
         if residuals:
             record["train_solver_rel_residual"] = sum(residuals) / len(residuals)
-            record["all_steps_solved"] = len(residuals) == steps  # FNO-DEQ past its unrolled warm-up all epoch
+            record["all_steps_solved"] = len(residuals) == len(loader)  # FNO-DEQ past its warm-up all epoch
         if jacs:
             record["train_jac_loss"] = sum(jacs) / len(jacs)
         if device.type == "cuda":  # this epoch's training steps (the summary takes the maximum over the history)
