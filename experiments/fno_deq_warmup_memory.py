@@ -7,7 +7,8 @@ Anderson with the phantom gradient and the Jacobian regulariser) the runs of ``f
 13.5 GB, while three of them past the warm-up held 22.9 GB of the GPU together. The bytes autograd keeps
 between forward and backward are the same on any device, so this counts them (each storage once) for one
 step of each phase, and checks that recomputing the warm-up leaves its gradient unchanged. On a GPU it
-also records each step's CUDA peak above the model and its input.
+also records each step's CUDA peak above the model and its input, and its median time over 5 steps (the
+recomputed warm-up's cost in time is their ratio, both measured in one process).
 
     python experiments/fno_deq_warmup_memory.py --out DIR               # CPU: ~4 minutes, ~14 GB of RAM
     python experiments/fno_deq_warmup_memory.py --small --out /tmp/w    # CPU smoke run, seconds
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from implicit.bench._timing import peak_memory, saved_for_backward_bytes
+from implicit.bench._timing import peak_memory, saved_for_backward_bytes, timed
 from implicit.distributed import resolve_device
 from implicit.results import target, write_results
 from pde.datasets import IO_VARIABLES, load_recipe
@@ -77,14 +78,19 @@ def main(argv: list[str] | None = None) -> None:
             del loss
             model, forward = training_step(cfg, over, jac, x, device)
             row["cuda_peak_bytes"] = peak_memory(lambda: forward().backward(), device)
+            row["step_seconds"], _ = timed(lambda: forward().backward(), device, repeats=5)
         metrics["phases"][name] = row
         print(f"{name}: {saved / 2**30:.3f} GiB kept for the backward ({mode})"
-              + (f", CUDA peak {row['cuda_peak_bytes'] / 2**30:.3f} GiB" if "cuda_peak_bytes" in row else ""),
+              + (f", CUDA peak {row['cuda_peak_bytes'] / 2**30:.3f} GiB, {row['step_seconds']:.3f} s a step"
+                 if "cuda_peak_bytes" in row else ""),
               flush=True)
+    phases = metrics["phases"]
+    if device.type == "cuda":  # what recomputing the warm-up costs in time, both measured in this process
+        metrics["recomputed_warmup_time_ratio"] = (phases["warm-up, recomputed"]["step_seconds"]
+                                                   / phases["warm-up"]["step_seconds"])
     pairs = [(g, h) for g, h in zip(grads["warm-up"], grads["warm-up, recomputed"]) if g is not None]
     metrics["recomputed_warmup_max_rel_grad_diff"] = max(
         float((g - h).abs().max() / g.abs().max().clamp_min(1e-30)) for g, h in pairs)
-    phases = metrics["phases"]
     targets = {
         "recomputed_warmup_keeps_less_than_implicit_step": target(
             phases["warm-up, recomputed"]["saved_for_backward_bytes"], phases["implicit"]["saved_for_backward_bytes"],
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
               "pretrain_iter": cfg.pretrain_iter, "max_iter": cfg.max_iter, "backward": cfg.backward,
               "backward_steps": cfg.backward_steps, "jac_reg": cfg.jac_reg,
               "measure": "bytes of the storages autograd saves during one training forward (each counted once); on "
-                         "CUDA also max_memory_allocated over forward and backward above the model and input",
+                         "CUDA also max_memory_allocated over forward and backward above the model and input, and "
+                         "the median seconds of forward and backward over 5 steps after one",
               "input": "random N(0, 1) fields (the counts depend on shapes, not values)"}
     name = "fno_deq_warmup_memory" + ("_small" if a.small else "") + ("_cpu" if device.type == "cpu" else "")
     path = write_results(name, config=config, metrics=metrics, targets=targets, device=device,
