@@ -30,9 +30,10 @@ from pde.models import build_model
 from pde.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+WHOLE_RUN = 10**9  # warm-up steps that outlast every repeated step below
 PHASES = {  # name -> (model overrides, whether the step adds the Jacobian regulariser)
-    "warm-up": ({"pretrain_steps": 1, "checkpoint_unrolled": False}, False),
-    "warm-up, recomputed": ({"pretrain_steps": 1, "checkpoint_unrolled": True}, False),
+    "warm-up": ({"pretrain_steps": WHOLE_RUN, "checkpoint_unrolled": False}, False),
+    "warm-up, recomputed": ({"pretrain_steps": WHOLE_RUN, "checkpoint_unrolled": True}, False),
     "implicit": ({"pretrain_steps": 0}, True),
 }
 
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
             model, forward = training_step(cfg, over, jac, x, device)
             row["cuda_peak_bytes"] = peak_memory(lambda: forward().backward(), device)
             row["step_seconds"], _ = timed(lambda: forward().backward(), device, repeats=5)
+            if model.last_stats["mode"] != mode:  # every timed step must be of this phase
+                raise RuntimeError(f"{name}: timed a {model.last_stats['mode']} step, not {mode}")
         metrics["phases"][name] = row
         print(f"{name}: {saved / 2**30:.3f} GiB kept for the backward ({mode})"
               + (f", CUDA peak {row['cuda_peak_bytes'] / 2**30:.3f} GiB, {row['step_seconds']:.3f} s a step"
