@@ -622,6 +622,23 @@ def test_warmup_memory_experiment_counts_each_phase_and_checks_the_recomputed_gr
     assert (tmp_path / "fno_deq_warmup_memory_small_cpu.png").is_file()
 
 
+def test_warmup_memory_phases_keep_their_mode_over_repeated_steps():
+    """The script times several steps of each phase on a GPU: the warm-up phases must still be warming up
+    after many training steps (a one-step warm-up timed implicit steps as warm-up ones)."""
+    from pde.train import load_config
+
+    script = load_experiment("fno_deq_warmup_memory")
+    cfg = load_config(path=NS_CONFIG, device="cpu", width=8, modes=4)
+    x = torch.randn(2, 2, 16, 16)
+    for name, (overrides, jac_reg) in script.PHASES.items():
+        model, forward = script.training_step(cfg, overrides, jac_reg, x, torch.device("cpu"))
+        modes = set()
+        for _ in range(4):
+            forward().backward()
+            modes.add(model.last_stats["mode"])
+        assert modes == {"deq" if name == "implicit" else "pretrain"}, name
+
+
 def test_darcy_variants_experiment_trains_each_variant_with_its_settings(tmp_path):
     """``experiments/fno_deq_darcy_variants.py --small``: each FNO-DEQ variant trains with its own backward (so
     their results differ from the same seed), the settings suffixes and the noise reach the models, and the
