@@ -116,25 +116,43 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(metrics: dict, path: Path, title: str) -> None:
+    """Bytes kept for the backward (bars) and CUDA peaks (dots) by phase; step times beside them on a GPU."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(metrics["phases"])
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    saved = [metrics["phases"][n]["saved_for_backward_bytes"] / 2**30 for n in names]
-    ax.bar(range(len(names)), saved, color=["tab:red", "tab:green", "tab:blue"], label="kept for the backward")
-    peaks = [metrics["phases"][n].get("cuda_peak_bytes") for n in names]
+    phases = metrics["phases"]
+    names, colors = list(phases), ["tab:red", "tab:green", "tab:blue"]
+    timed = all("step_seconds" in row for row in phases.values())
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 6, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    saved = [phases[n]["saved_for_backward_bytes"] / 2**30 for n in names]
+    peaks = [phases[n].get("cuda_peak_bytes") for n in names]
+    ax.bar(range(len(names)), saved, color=colors, label="kept for the backward")
+    tops = saved
     if all(p is not None for p in peaks):
-        ax.plot(range(len(names)), [p / 2**30 for p in peaks], "ko", label="CUDA peak of the step")
+        peaks = [p / 2**30 for p in peaks]
+        ax.plot(range(len(names)), peaks, "ko", label="CUDA peak of the step")
+        tops = [max(a, b) for a, b in zip(saved, peaks)]
         ax.legend(fontsize=8)
-    for i, v in enumerate(saved):
-        ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 1.15 * max(saved + [p / 2**30 for p in peaks if p is not None]))
+    for i, (v, top) in enumerate(zip(saved, tops)):  # the label above both the bar and its dot
+        ax.annotate(f"{v:.2f}", (i, top), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.2 * max(tops))
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("GiB")
-    ax.set_title(f"FNO-DEQ, one training step by phase ({title})", fontsize=9)
+    ax.set_title(f"memory of one training step ({title})", fontsize=9)
+    if timed:
+        ax = axes[0, 1]
+        seconds = [phases[n]["step_seconds"] for n in names]
+        ax.bar(range(len(names)), seconds, color=colors)
+        for i, v in enumerate(seconds):
+            ax.annotate(f"{v:.3f} s", (i, v), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
+        ax.set_ylim(0, 1.2 * max(seconds))
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("seconds (median of 5 steps)")
+        ax.set_title("time of one training step, forward and backward", fontsize=9)
+    fig.suptitle("FNO-DEQ by training phase", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
