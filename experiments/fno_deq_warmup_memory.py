@@ -1,6 +1,6 @@
 """What one FNO-DEQ training step keeps for its backward: the unrolled warm-up, the warm-up with its
-iterations recomputed (``checkpoint_unrolled``), and the implicit training after it (writes
-fno_deq_warmup_memory[_cpu].json and .png).
+iterations recomputed (``checkpoint_unrolled``), and the implicit training after it, with its forward solve
+eager or replayed as a CUDA graph (``solver_graph``) (writes fno_deq_warmup_memory[_cpu].json and .png).
 
 At the paper's Navier-Stokes size (128x128, batch 32, ``ns-fno-deq.toml``: 12 warm-up iterations, then
 Anderson with the phantom gradient and the Jacobian regulariser) the runs of ``fno_deq.py`` peaked at
@@ -8,7 +8,8 @@ Anderson with the phantom gradient and the Jacobian regulariser) the runs of ``f
 between forward and backward are the same on any device, so this counts them (each storage once) for one
 step of each phase, and checks that recomputing the warm-up leaves its gradient unchanged. On a GPU it
 also records each step's CUDA peak above the model and its input, and its median time over 5 steps (the
-recomputed warm-up's cost in time is their ratio, both measured in one process).
+recomputed warm-up's cost in time is their ratio, both measured in one process, as is the graphed solve's
+saving).
 
     python experiments/fno_deq_warmup_memory.py --out DIR               # CPU: ~4 minutes, ~14 GB of RAM
     python experiments/fno_deq_warmup_memory.py --small --out /tmp/w    # CPU smoke run, seconds
@@ -35,6 +36,8 @@ PHASES = {  # name -> (model overrides, whether the step adds the Jacobian regul
     "warm-up": ({"pretrain_steps": WHOLE_RUN, "checkpoint_unrolled": False}, False),
     "warm-up, recomputed": ({"pretrain_steps": WHOLE_RUN, "checkpoint_unrolled": True}, False),
     "implicit": ({"pretrain_steps": 0}, True),
+    # the forward solve's iterations replayed as a CUDA graph (``solver_graph``; the same as "implicit" on a CPU)
+    "implicit, graphed solve": ({"pretrain_steps": 0, "solver_options": {"graph": True}}, True),
 }
 
 
@@ -49,6 +52,12 @@ def training_step(cfg, overrides: dict, jac_reg: bool, x: torch.Tensor, device: 
             loss = loss + cfg.jac_reg * model.last_result.stats["jac_loss"]
         return loss
     return model, forward
+
+
+def max_rel_diff(grads: tuple, others: tuple) -> float:
+    """The largest difference between two gradients of one model, relative to each parameter's largest entry."""
+    return max(float((g - h).abs().max() / g.abs().max().clamp_min(1e-30))
+               for g, h in zip(grads, others) if g is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,12 +97,12 @@ def main(argv: list[str] | None = None) -> None:
                  if "cuda_peak_bytes" in row else ""),
               flush=True)
     phases = metrics["phases"]
-    if device.type == "cuda":  # what recomputing the warm-up costs in time, both measured in this process
-        metrics["recomputed_warmup_time_ratio"] = (phases["warm-up, recomputed"]["step_seconds"]
-                                                   / phases["warm-up"]["step_seconds"])
-    pairs = [(g, h) for g, h in zip(grads["warm-up"], grads["warm-up, recomputed"]) if g is not None]
-    metrics["recomputed_warmup_max_rel_grad_diff"] = max(
-        float((g - h).abs().max() / g.abs().max().clamp_min(1e-30)) for g, h in pairs)
+    if device.type == "cuda":  # what recomputing the warm-up costs, and graphing the solve saves, in time
+        seconds = {name: row["step_seconds"] for name, row in phases.items()}
+        metrics["recomputed_warmup_time_ratio"] = seconds["warm-up, recomputed"] / seconds["warm-up"]
+        metrics["graphed_solve_time_ratio"] = seconds["implicit, graphed solve"] / seconds["implicit"]
+    metrics["recomputed_warmup_max_rel_grad_diff"] = max_rel_diff(grads["warm-up"], grads["warm-up, recomputed"])
+    metrics["graphed_solve_max_rel_grad_diff"] = max_rel_diff(grads["implicit"], grads["implicit, graphed solve"])
     targets = {
         "recomputed_warmup_keeps_less_than_implicit_step": target(
             phases["warm-up, recomputed"]["saved_for_backward_bytes"], phases["implicit"]["saved_for_backward_bytes"],
@@ -123,7 +132,8 @@ def plot(metrics: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     phases = metrics["phases"]
-    names, colors = list(phases), ["tab:red", "tab:green", "tab:blue"]
+    names = list(phases)
+    colors = ["tab:red", "tab:green", "tab:blue", "tab:purple"][:len(names)]
     timed = all("step_seconds" in row for row in phases.values())
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 6, 3.4), squeeze=False)
     ax = axes[0, 0]
