@@ -57,7 +57,7 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     python experiments/fno_deq.py --out M ... --ns-noise 0.001,0.004 --collect-only
     # the paper's NS data size and resolution (4500 / 500 at 128x128), nu=0.01 clean, on one H200 (the 9 runs need
     # ~91 GB of GPU memory; with --checkpoint-unrolled FNO-DEQ's warm-up keeps 1.7 GB instead of 13 GB for its
-    # backward, its steps taking 1.32x as long (fno_deq_warmup_memory.json), and the nine peaked at 58 GB on an
+    # backward, its steps taking about 1.35x as long (fno_deq_warmup_memory.json), and the nine peaked at 58 GB on an
     # H100 80GB in their warm-up (..._memory_h100_checkpoint_unrolled.json; the implicit phase took 71 GB on an
     # H200): repeat until done; --ns-epochs 8 then continues them (fno_deq_ns_paper_scale_*.json)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise '' --ns-viscosities 0.01 \\

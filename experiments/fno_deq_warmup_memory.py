@@ -134,6 +134,7 @@ def plot(metrics: dict, path: Path, title: str) -> None:
     phases = metrics["phases"]
     names = list(phases)
     colors = ["tab:red", "tab:green", "tab:blue", "tab:purple"][:len(names)]
+    labels = [n.replace(", ", ",\n") for n in names]
     timed = all("step_seconds" in row for row in phases.values())
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 6, 3.4), squeeze=False)
     ax = axes[0, 0]
@@ -149,7 +150,7 @@ def plot(metrics: dict, path: Path, title: str) -> None:
     for i, (v, top) in enumerate(zip(saved, tops)):  # the label above both the bar and its dot
         ax.annotate(f"{v:.2f}", (i, top), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
     ax.set_ylim(0, 1.2 * max(tops))
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), labels, fontsize=8)
     ax.set_ylabel("GiB")
     ax.set_title(f"memory of one training step ({title})", fontsize=9)
     if timed:
@@ -159,7 +160,7 @@ def plot(metrics: dict, path: Path, title: str) -> None:
         for i, v in enumerate(seconds):
             ax.annotate(f"{v:.3f} s", (i, v), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
         ax.set_ylim(0, 1.2 * max(seconds))
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), labels, fontsize=8)
         ax.set_ylabel("seconds (median of 5 steps)")
         ax.set_title("time of one training step, forward and backward", fontsize=9)
     fig.suptitle("FNO-DEQ by training phase", fontsize=10)
