@@ -20,7 +20,8 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
 - Budget: every training stops at an epoch boundary before ``--budget-s`` runs out; the results
   files are written with the epochs actually run (``epochs_done``). Re-running the same command on
   the same ``--out`` resumes every run from its checkpoint (same ``--epochs``: the cosine schedule
-  depends on it) and skips finished ones, so a second command completes a cut run, or adds seeds.
+  depends on it) and skips finished ones, so a second command completes a cut run, or adds seeds. A run
+  trained on under a longer constant-rate plan counts at a shorter plan's epochs (:func:`finished_for`).
   ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
 - Several machines: each run's job file records the device, torch and commit it trained with. Gather
   the ``jobs/*.json`` of several ``--out`` folders into one and ``--collect-only`` writes the results
@@ -369,6 +370,24 @@ def _dump(path: Path, obj: dict) -> None:
 
 # ----------------------------------------------------------------------------------- scheduler
 
+# a run's paths, and what is set at run time: none of them changes what the run learns
+MACHINE_KEYS = frozenset({"device", "out", "data", "plot", "eval_every", "noise_scale"})
+
+
+def finished_for(run: dict | None, plan: dict) -> bool:
+    """Whether ``run`` (a job's result) is a finished training of ``plan`` (the job's config): it ran the plan's
+    epochs. A run trained on under a longer plan counts at the plan's epochs where the length changed nothing it
+    did up to them: the same settings and no cosine schedule (a constant-rate FNO-DEQ resumed under an 8-epoch
+    plan and stopped at its 6th epoch is a 6-epoch run; with a cosine schedule its rate had already differed)."""
+    if not run or run.get("epochs_done") != plan["epochs"]:
+        return False
+    if run.get("epochs") == plan["epochs"]:
+        return True
+    recorded = run.get("config") or {}
+    return recorded.get("scheduler", "cosine") != "cosine" and all(
+        recorded.get(k) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
+
+
 def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[str]:
     """Seed ``out/jobs`` with the finished trainings a results file records (``metrics.runs``), so that
     a command on a fresh machine skips them and only adds what is new (e.g. a seed). Only runs of
@@ -381,11 +400,10 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
     from pde.train import TrainConfig
 
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    machine = {"device", "out", "data", "plot", "eval_every", "noise_scale"}  # paths, and set at run time
 
     def same_settings(planned_cfg: dict, recorded: dict | None) -> bool:
         return recorded is None or all(recorded.get(k, defaults.get(k)) == v
-                                       for k, v in planned_cfg.items() if k not in machine)
+                                       for k, v in planned_cfg.items() if k not in MACHINE_KEYS)
 
     planned = {j["id"]: j for j in jobs if j["kind"] == "train"}
     (out / "jobs").mkdir(parents=True, exist_ok=True)
@@ -412,7 +430,7 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
         path = out / "jobs" / f"{j['id']}.json"
         if not path.is_file():
             return False
-        return j["kind"] != "train" or json.loads(path.read_text()).get("epochs_done") == j["config"]["epochs"]
+        return j["kind"] != "train" or finished_for(json.loads(path.read_text()), j["config"])
 
     pending = [j for j in jobs if not finished(j)]
     done = {j["id"] for j in jobs if j not in pending}
@@ -539,6 +557,7 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
             continue
         accuracy: dict = {}
         runs: dict = {}
+        finished_seeds: dict = {}  # (data, setting, model) -> the seeds with all the plan's epochs
         for j in jobs:
             if j["kind"] != "train" or j["data"] not in keys:
                 continue
@@ -552,12 +571,15 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                                                      "peak_memory_bytes_solving", "test_solver_iters",
                                                      "test_solver_rel_residual", "test_solver_residual",
                                                      "noise_scale", "wall_clock_s", "test_rel_l2_curve")})
+            if finished_for(r, j["config"]):
+                finished_seeds.setdefault((j["data"], j["setting"], j["model"]), set()).add(r["seed"])
         for data_key, per_setting in accuracy.items():
             for setting, per_model in per_setting.items():
                 for name, cell in per_model.items():
                     # a run cut by the budget is not averaged with finished ones (its error is that of
                     # fewer epochs); only where no run finished does the cell report the cut runs
-                    finished = [r for r in cell["runs"] if r["epochs_done"] == r["epochs"]]
+                    done = finished_seeds.get((data_key, setting, name), set())
+                    finished = [r for r in cell["runs"] if r["seed"] in done]
                     rs = finished or cell["runs"]
                     cell["test_rel_l2"] = _agg([r["test_rel_l2"] for r in rs])
                     cell["epochs_done"] = sorted({r["epochs_done"] for r in rs})
@@ -601,7 +623,7 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                 targets["fno_deq_peak_memory_max_over_min_8_to_48_iterations"] = {
                     "value": None, "target": 1.10, "op": "<=", "met": False, "note": "measured on CUDA only"}
         train_jobs = [j for j in jobs if j["kind"] == "train" and j["data"] in keys]
-        n_done = sum(1 for j in train_jobs if (results.get(j["id"]) or {}).get("epochs_done") == j["config"]["epochs"])
+        n_done = sum(1 for j in train_jobs if finished_for(results.get(j["id"]), j["config"]))
         data_info = {k: {"recipe": j["recipe"], "generation": results.get(j["id"])}
                      for k in keys for j in jobs if j["id"] == f"data-{k}"}
         models = model_configs(train_jobs)

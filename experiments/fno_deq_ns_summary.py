@@ -32,8 +32,9 @@ from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script tha
 # FNO-DEQ with the Jacobian regulariser over both 48-epoch grids at weights 10 and 3 (the NS config's), and the
 # cells run at the paper's data size (6 epochs, some continued to 8)
 PAPER_SIZE = ("6ep_clean_nu0.01", "6ep_clean_nu0.001", "6ep_input_noise_0.001_nu0.01", "6ep_target_noise_0.001_nu0.01",
-              "6ep_input_noise_0.004_nu0.01", "6ep_target_noise_0.004_nu0.01", "8ep_clean_nu0.01",
-              "8ep_target_noise_0.001_nu0.01", "8ep_input_noise_0.004_nu0.01", "8ep_target_noise_0.004_nu0.01")
+              "6ep_input_noise_0.004_nu0.01", "6ep_target_noise_0.004_nu0.01", "6ep_input_noise_0.001_nu0.001",
+              "8ep_clean_nu0.01", "8ep_target_noise_0.001_nu0.01", "8ep_input_noise_0.004_nu0.01",
+              "8ep_target_noise_0.004_nu0.01")
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
          "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json",
          "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001.json",
@@ -92,8 +93,9 @@ def gather(paths: list[Path]) -> dict:
                     model = variant if model == DEQ else model
                     seeds = table.setdefault((size, epochs), {}).setdefault(nu, {}).setdefault(setting, {}).setdefault(
                         model, {})
+                    cut = cell.get("cut_runs", {})  # fno_deq.py's word, where the file records it
                     for run in cell["runs"]:
-                        if run["epochs_done"] != run["epochs"]:
+                        if run["epochs_done"] != epochs or str(run["seed"]) in cut:
                             continue  # cut by a budget: the error of fewer epochs
                         old = seeds.setdefault(run["seed"], run["test_rel_l2"])
                         if old != run["test_rel_l2"]:

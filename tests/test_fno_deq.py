@@ -483,6 +483,36 @@ def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_
     assert mod.model_configs([j for j in mod.plan(with_clean) if j["kind"] == "train"]) == models
 
 
+def test_fno_deq_experiment_counts_a_run_of_a_longer_constant_rate_plan_at_the_plans_epochs(tmp_path):
+    """A run trained on under a longer plan (resumed with --ns-epochs 3) and stopped at this plan's 2 epochs is a
+    finished 2-epoch run where the length changed nothing it did: a constant rate and the same settings. With a
+    cosine schedule, or other settings, it is a cut run; the NS summary counts what the results file counts."""
+    import json
+
+    mod = load_experiment("fno_deq")
+    summary = load_experiment("fno_deq_ns_summary")
+    args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01",
+                                          "--ns-seeds", "0,1,2,3", "--ns-epochs", "2", "--ns-noise", "",
+                                          "--models", "fno-d4", "--out", str(tmp_path)])
+    jobs = [j for j in mod.plan(args) if j["kind"] == "train"]
+    assert jobs[0]["config"]["scheduler"] == "constant"
+    longer = {1: {}, 2: {"scheduler": "cosine"}, 3: {"lr": 1.0}}  # seed 0 ran the plan itself
+    (tmp_path / "jobs").mkdir()
+    for j in jobs:
+        s = j["seed"]
+        config = {**j["config"], **({"epochs": 3, **longer[s]} if s in longer else {})}
+        run = {"seed": s, "test_rel_l2": 0.1 * (s + 1), "epochs_done": 2, "epochs": config["epochs"],
+               "epoch_time_s": 1.0, "config": config}
+        (tmp_path / "jobs" / f"{j['id']}.json").write_text(json.dumps(run))
+    (path,) = mod.collect(args, jobs, 0.0)
+    written = json.loads(path.read_text())
+    cell = written["metrics"]["accuracy"]["ns-nu0.01"]["clean"]["fno-d4"]
+    assert written["config"]["runs_finished"] == "2/4" and not cell["complete"]
+    assert cell["cut_runs"] == {"2": 2, "3": 2} and cell["test_rel_l2"]["values"] == pytest.approx([0.1, 0.2])
+    table = summary.gather([path])
+    assert table[None, 2]["ns-nu0.01"]["clean"]["fno-d4"] == pytest.approx({0: 0.1, 1: 0.2})
+
+
 def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
     """``--collect-only`` writes the results file from the job files in OUT/jobs: no data generated, no
     training started (seed 1 has no job file and stays missing), no command recorded, no wall-clock time."""
