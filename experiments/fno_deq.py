@@ -381,9 +381,9 @@ def finished_for(run: dict | None, plan: dict) -> bool:
     plan and stopped at its 6th epoch is a 6-epoch run; with a cosine schedule its rate had already differed)."""
     if not run or run.get("epochs_done") != plan["epochs"]:
         return False
-    if run.get("epochs") == plan["epochs"]:
-        return True
     recorded = run.get("config") or {}
+    if run.get("epochs", recorded.get("epochs", plan["epochs"])) == plan["epochs"]:  # records may predate "epochs"
+        return True
     return recorded.get("scheduler", "cosine") != "cosine" and all(
         recorded.get(k) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
 
@@ -391,8 +391,9 @@ def finished_for(run: dict | None, plan: dict) -> bool:
 def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[str]:
     """Seed ``out/jobs`` with the finished trainings a results file records (``metrics.runs``), so that
     a command on a fresh machine skips them and only adds what is new (e.g. a seed). Only runs of
-    this plan with all their epochs and the same training settings (a recorded config, where there is
-    one, with TrainConfig's defaults for keys it predates) are taken, and an existing job result is never
+    this plan with all their epochs (:func:`finished_for`: a run of a longer constant-rate plan counts at
+    this plan's epochs) and the same training settings (a recorded config, where there is one, with
+    TrainConfig's defaults for keys it predates) are taken, and an existing job result is never
     overwritten. A run that predates its own record of where it trained takes the file's device, torch
     and commit, so the merged results name that machine too (``trained_on``)."""
     from dataclasses import fields
@@ -414,8 +415,8 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
         for jid, r in recorded["metrics"]["runs"].items():
             j = planned.get(jid)
             dest = out / "jobs" / f"{jid}.json"
-            if (j and r and r.get("epochs_done") == j["config"]["epochs"] and not dest.exists()
-                    and same_settings(j["config"], r.get("config"))):
+            if (j and finished_for(r, j["config"]) and not dest.exists()
+                    and same_settings({k: v for k, v in j["config"].items() if k != "epochs"}, r.get("config"))):
                 _dump(dest, r if "device" in r else {**r, **origin})
                 taken.append(jid)
     return taken
