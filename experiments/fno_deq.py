@@ -21,7 +21,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   files are written with the epochs actually run (``epochs_done``). Re-running the same command on
   the same ``--out`` resumes every run from its checkpoint (same ``--epochs``: the cosine schedule
   depends on it) and skips finished ones, so a second command completes a cut run, or adds seeds. A run
-  trained on under a longer constant-rate plan counts at a shorter plan's epochs (:func:`finished_for`).
+  trained on under a longer constant-rate plan counts at a shorter plan's epochs (:func:`finished_for`),
+  read from its per-epoch records where it trained past them (:func:`at_plan_epochs`: a 6-epoch file
+  from an 8-epoch cell is ``--collect-only --reuse`` of the 8-epoch file with ``--ns-epochs 6``).
   ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
 - Several machines: each run's job file records the device, torch and commit it trained with. Gather
   the ``jobs/*.json`` of several ``--out`` folders into one and ``--collect-only`` writes the results
@@ -384,15 +386,51 @@ def finished_for(run: dict | None, plan: dict) -> bool:
     recorded = run.get("config") or {}
     if run.get("epochs", recorded.get("epochs", plan["epochs"])) == plan["epochs"]:  # records may predate "epochs"
         return True
+    return _same_training_up_to(run, plan)
+
+
+def _same_training_up_to(run: dict, plan: dict) -> bool:
+    """Whether ``run``, trained under a longer plan, did what ``plan`` does up to the plan's epochs: a constant
+    rate (a cosine schedule's rate depends on the length) and otherwise the same settings."""
+    recorded = run.get("config") or {}
     return recorded.get("scheduler", "cosine") != "cosine" and all(
         recorded.get(k) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
+
+
+# what a job's result records only for its last epoch, so a view at an earlier epoch cannot give it
+LAST_EPOCH_ONLY = ("test_solver_iters", "test_solver_residual", "test_solver_rel_residual")
+
+
+def at_plan_epochs(run: dict | None, plan: dict) -> dict | None:
+    """``run`` as a finished training of ``plan``, or ``None`` where it is not one. A run that is one
+    (:func:`finished_for`) is itself; a run that trained past the plan's epochs under a longer constant-rate plan
+    with the same settings (e.g. all 8 epochs of a cell whose 6-epoch plan was never run on its own) is read at
+    the plan's last epoch from its per-epoch records: test error from its test curve, which must hold that epoch,
+    and train error and per-epoch lists cut there. What the run recorded only for its last epoch (the test
+    solve's iterations and residuals) and its wall clock are left out, ``epoch_time_s`` stays the whole run's
+    median, and ``read_at_epoch_of`` keeps the epochs it trained."""
+    if finished_for(run, plan):
+        return run
+    e = plan["epochs"]
+    if not run or run.get("epochs_done", 0) <= e or not _same_training_up_to(run, plan):
+        return None
+    test = {int(epoch): err for epoch, err in run.get("test_rel_l2_curve") or []}
+    per_epoch = run.get("train_rel_l2_per_epoch") or []
+    if e not in test or len(per_epoch) < e:
+        return None
+    view = {k: v[:e] if k.endswith("_per_epoch") and isinstance(v, list) else v
+            for k, v in run.items() if k not in LAST_EPOCH_ONLY}
+    view.update(epochs_done=e, test_rel_l2=test[e], train_rel_l2=per_epoch[e - 1], wall_clock_s=None,
+                test_rel_l2_curve=[p for p in run["test_rel_l2_curve"] if p[0] <= e],
+                read_at_epoch_of=run["epochs_done"])
+    return view
 
 
 def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[str]:
     """Seed ``out/jobs`` with the finished trainings a results file records (``metrics.runs``), so that
     a command on a fresh machine skips them and only adds what is new (e.g. a seed). Only runs of
-    this plan with all their epochs (:func:`finished_for`: a run of a longer constant-rate plan counts at
-    this plan's epochs) and the same training settings (a recorded config, where there is one, with
+    this plan with all their epochs (:func:`at_plan_epochs`: a run of a longer constant-rate plan counts at
+    this plan's epochs, as it stood at them) and the same training settings (a recorded config, where there is one, with
     TrainConfig's defaults for keys it predates) are taken, and an existing job result is never
     overwritten. A run that predates its own record of where it trained takes the file's device, torch
     and commit, so the merged results name that machine too (``trained_on``)."""
@@ -415,7 +453,8 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
         for jid, r in recorded["metrics"]["runs"].items():
             j = planned.get(jid)
             dest = out / "jobs" / f"{jid}.json"
-            if (j and finished_for(r, j["config"]) and not dest.exists()
+            r = at_plan_epochs(r, j["config"]) if j else None
+            if (r and not dest.exists()
                     and same_settings({k: v for k, v in j["config"].items() if k != "epochs"}, r.get("config"))):
                 _dump(dest, r if "device" in r else {**r, **origin})
                 taken.append(jid)
@@ -431,7 +470,7 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
         path = out / "jobs" / f"{j['id']}.json"
         if not path.is_file():
             return False
-        return j["kind"] != "train" or finished_for(json.loads(path.read_text()), j["config"])
+        return j["kind"] != "train" or at_plan_epochs(json.loads(path.read_text()), j["config"]) is not None
 
     pending = [j for j in jobs if not finished(j)]
     done = {j["id"] for j in jobs if j not in pending}
@@ -544,7 +583,9 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     for j in jobs:
         p = out / "jobs" / f"{j['id']}.json"
         if p.is_file():
-            results[j["id"]] = json.loads(p.read_text())
+            r = json.loads(p.read_text())
+            # a run past this plan's epochs (a longer constant-rate plan) is recorded as it stood at them
+            results[j["id"]] = (at_plan_epochs(r, j["config"]) or r) if j["kind"] == "train" else r
     device = resolve_device(args.device)
     commands = out / "commands.json"
     # --collect-only with no commands.json (job files gathered from elsewhere): no wall-clock time to report

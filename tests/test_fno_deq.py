@@ -492,31 +492,46 @@ def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_
 def test_fno_deq_experiment_counts_a_run_of_a_longer_constant_rate_plan_at_the_plans_epochs(tmp_path):
     """A run trained on under a longer plan (resumed with --ns-epochs 3) and stopped at this plan's 2 epochs is a
     finished 2-epoch run where the length changed nothing it did: a constant rate and the same settings. With a
-    cosine schedule, or other settings, it is a cut run; the NS summary counts what the results file counts."""
+    cosine schedule, or other settings, it is a cut run; the NS summary counts what the results file counts. A
+    run that trained all 3 epochs counts as it stood at epoch 2 (its test curve's error there, its train error
+    cut there, no last-epoch solver record), unless its curve has no epoch 2."""
     import json
 
     mod = load_experiment("fno_deq")
     summary = load_experiment("fno_deq_ns_summary")
     args = mod.build_parser().parse_args(["--problems", "ns", "--device", "cpu", "--ns-viscosities", "0.01",
-                                          "--ns-seeds", "0,1,2,3", "--ns-epochs", "2", "--ns-noise", "",
+                                          "--ns-seeds", "0,1,2,3,4,5", "--ns-epochs", "2", "--ns-noise", "",
                                           "--models", "fno-d4", "--out", str(tmp_path)])
     jobs = [j for j in mod.plan(args) if j["kind"] == "train"]
     assert jobs[0]["config"]["scheduler"] == "constant"
-    longer = {1: {}, 2: {"scheduler": "cosine"}, 3: {"lr": 1.0}}  # seed 0 ran the plan itself
+    longer = {1: {}, 2: {"scheduler": "cosine"}, 3: {"lr": 1.0}, 4: {}, 5: {}}  # seed 0 ran the plan itself
     (tmp_path / "jobs").mkdir()
     for j in jobs:
         s = j["seed"]
         config = {**j["config"], **({"epochs": 3, **longer[s]} if s in longer else {})}
         run = {"seed": s, "test_rel_l2": 0.1 * (s + 1), "epochs_done": 2, "epochs": config["epochs"],
                "epoch_time_s": 1.0, "config": config}
+        if s >= 4:  # all 3 epochs; seed 5 evaluated only at the end
+            run.update(epochs_done=3, test_rel_l2=0.05, train_rel_l2=0.03, train_rel_l2_per_epoch=[0.3, 0.2, 0.03],
+                       test_rel_l2_curve=[[2, 0.5], [3, 0.05]] if s == 4 else [[3, 0.05]], test_solver_iters=9.0)
         (tmp_path / "jobs" / f"{j['id']}.json").write_text(json.dumps(run))
     (path,) = mod.collect(args, jobs, 0.0)
     written = json.loads(path.read_text())
     cell = written["metrics"]["accuracy"]["ns-nu0.01"]["clean"]["fno-d4"]
-    assert written["config"]["runs_finished"] == "2/4" and not cell["complete"]
-    assert cell["cut_runs"] == {"2": 2, "3": 2} and cell["test_rel_l2"]["values"] == pytest.approx([0.1, 0.2])
+    assert written["config"]["runs_finished"] == "3/6" and not cell["complete"]
+    assert cell["cut_runs"] == {"2": 2, "3": 2, "5": 3}
+    assert cell["test_rel_l2"]["values"] == pytest.approx([0.1, 0.2, 0.5])
+    seed4 = written["metrics"]["runs"][jobs[4]["id"]]
+    assert seed4["epochs_done"] == 2 and seed4["read_at_epoch_of"] == 3 and seed4["train_rel_l2"] == 0.2
+    assert seed4["train_rel_l2_per_epoch"] == [0.3, 0.2] and seed4["test_rel_l2_curve"] == [[2, 0.5]]
+    assert "test_solver_iters" not in seed4 and seed4["wall_clock_s"] is None
     table = summary.gather([path])
-    assert table[None, 2]["ns-nu0.01"]["clean"]["fno-d4"] == pytest.approx({0: 0.1, 1: 0.2})
+    assert table[None, 2]["ns-nu0.01"]["clean"]["fno-d4"] == pytest.approx({0: 0.1, 1: 0.2, 4: 0.5})
+    # the 2-epoch file rebuilt on a fresh --out from this file alone takes the same runs, as they stood at epoch 2
+    fresh = tmp_path / "fresh"
+    assert mod.reuse_runs([str(path)], jobs, fresh) == [jobs[s]["id"] for s in (0, 1, 4)]
+    where = {k: written[k] for k in ("device", "torch", "commit")}  # the file's, as the run records none
+    assert json.loads((fresh / "jobs" / f"{jobs[4]['id']}.json").read_text()) == {**seed4, **where}
 
 
 def test_fno_deq_experiment_collect_only_trains_nothing(tmp_path):
