@@ -293,6 +293,9 @@ def _train_worker(spec: dict, result_path: Path) -> int:
         if any(k in h for h in hist):
             res[f"{k}_per_epoch"] = [h.get(k) for h in hist]
     res["test_rel_l2_curve"] = [(h["epoch"], h["test_rel_l2"]) for h in hist if "test_rel_l2" in h]
+    # FNO-DEQ's and IFNO's test solve at every evaluation, so the run can be read at an earlier epoch (at_plan_epochs)
+    res["test_solver_curve"] = [{"epoch": h["epoch"], **{k: h[k] for k in TEST_SOLVE_KEYS if k in h}}
+                                for h in hist if "test_solver_iters" in h]
     res["epoch_time_s"] = statistics.median(h["time_s"] for h in hist)
     if "test_rel_l2" in last:
         res["test_rel_l2"] = last["test_rel_l2"]
@@ -397,8 +400,9 @@ def _same_training_up_to(run: dict, plan: dict) -> bool:
         recorded.get(k) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
 
 
-# what a job's result records only for its last epoch, so a view at an earlier epoch cannot give it
-LAST_EPOCH_ONLY = ("test_solver_iters", "test_solver_residual", "test_solver_rel_residual")
+# a job's result gives the test solve of its last epoch under these keys, and of every evaluation in its
+# test_solver_curve (runs before that curve was recorded have the last epoch's only)
+TEST_SOLVE_KEYS = ("test_solver_iters", "test_solver_residual", "test_solver_rel_residual")
 
 
 def at_plan_epochs(run: dict | None, plan: dict) -> dict | None:
@@ -406,9 +410,9 @@ def at_plan_epochs(run: dict | None, plan: dict) -> dict | None:
     (:func:`finished_for`) is itself; a run that trained past the plan's epochs under a longer constant-rate plan
     with the same settings (e.g. all 8 epochs of a cell whose 6-epoch plan was never run on its own) is read at
     the plan's last epoch from its per-epoch records: test error from its test curve, which must hold that epoch,
-    and train error and per-epoch lists cut there. What the run recorded only for its last epoch (the test
-    solve's iterations and residuals) and its wall clock are left out, ``epoch_time_s`` stays the whole run's
-    median, and ``read_at_epoch_of`` keeps the epochs it trained."""
+    the test solve from its ``test_solver_curve`` where it has one (else left out), train error and per-epoch
+    lists cut there. Its wall clock is left out, ``epoch_time_s`` stays the whole run's median, and
+    ``read_at_epoch_of`` keeps the epochs it trained."""
     if finished_for(run, plan):
         return run
     e = plan["epochs"]
@@ -419,10 +423,14 @@ def at_plan_epochs(run: dict | None, plan: dict) -> dict | None:
     if e not in test or len(per_epoch) < e:
         return None
     view = {k: v[:e] if k.endswith("_per_epoch") and isinstance(v, list) else v
-            for k, v in run.items() if k not in LAST_EPOCH_ONLY}
+            for k, v in run.items() if k not in TEST_SOLVE_KEYS}
+    solves = [c for c in run.get("test_solver_curve") or [] if c["epoch"] <= e]
     view.update(epochs_done=e, test_rel_l2=test[e], train_rel_l2=per_epoch[e - 1], wall_clock_s=None,
                 test_rel_l2_curve=[p for p in run["test_rel_l2_curve"] if p[0] <= e],
                 read_at_epoch_of=run["epochs_done"])
+    if "test_solver_curve" in run:
+        view["test_solver_curve"] = solves
+    view.update({k: v for c in solves if c["epoch"] == e for k, v in c.items() if k != "epoch"})
     return view
 
 

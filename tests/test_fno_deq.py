@@ -411,6 +411,39 @@ def test_fno_deq_experiment_run_records_where_it_trained(tmp_path):
     assert {k: run[k] for k in ("device", "torch", "commit")} == run_environment("cpu")
 
 
+def test_fno_deq_experiment_reads_a_longer_run_as_the_shorter_plans_run(tmp_path):
+    """``at_plan_epochs`` on real job results: FNO-DEQ trained 2 epochs under a constant rate, read at a 1-epoch
+    plan, gives what the 1-epoch plan's own job gives (test error, test solve, train error), from the per-epoch
+    records its job file keeps; the wall clock, not known at epoch 1, is left out."""
+    import json
+
+    from pde.datasets import generate_split
+
+    recipe = {"name": "darcy-t", "generator": "darcy", "seed": 0, "chunk_size": 8, "store_dtype": "float32",
+              "splits": {"train": 8, "test": 4}, "darcy": {"fine_resolution": 17, "subsample": 2}}
+    for split in ("train", "test"):
+        generate_split(recipe, split, tmp_path, progress=False)
+    mod = load_experiment("fno_deq")
+
+    def job(epochs: int) -> tuple[dict, dict]:
+        config = dict(data=str(tmp_path / "darcy-t_train.h5"), out=str(tmp_path / f"run{epochs}"), model="fno-deq",
+                      width=4, modes=3, max_iter=4, eval_max_iter=4, pretrain_steps=2, pretrain_iter=2, epochs=epochs,
+                      batch_size=4, scheduler="constant", jac_reg=1.0, eval_every=1, plot=False, device="cpu")
+        spec = {"data": "darcy", "setting": "clean", "model": "fno-deq", "seed": 0, "config": config, "deadline": 1e12}
+        assert mod._train_worker(spec, tmp_path / f"job{epochs}.json") == 0
+        return json.loads((tmp_path / f"job{epochs}.json").read_text()), config
+
+    longer, _ = job(2)
+    shorter, plan = job(1)
+    assert [c["epoch"] for c in longer["test_solver_curve"]] == [1, 2]
+    view = mod.at_plan_epochs(longer, plan)
+    keys = ("epochs_done", "test_rel_l2", "train_rel_l2", *mod.TEST_SOLVE_KEYS, "test_rel_l2_curve",
+            "test_solver_curve", "train_rel_l2_per_epoch")
+    assert {k: view[k] for k in keys} == {k: shorter[k] for k in keys}
+    assert view["read_at_epoch_of"] == 2 and view["wall_clock_s"] is None and mod.finished_for(view, plan)
+    assert mod.at_plan_epochs(longer, {**plan, "lr": 1.0}) is None  # another training
+
+
 def _ns_job_files(tmp_path: Path, machines: dict[int, dict | None]) -> tuple[list[dict], Path]:
     """Finished NS job files, one per seed, recording the given machine (None: a run that predates it)."""
     import json

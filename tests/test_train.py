@@ -107,6 +107,23 @@ def test_resume_equals_uninterrupted(darcy, tmp_path, jac_reg, stop_after):
         train(_cfg(darcy, tmp_path / "b", epochs=3, lr=1e-2, jac_reg=jac_reg), progress=False, log=lambda m: None)
 
 
+def test_a_longer_constant_rate_plan_is_the_shorter_plan_up_to_its_epochs(darcy, tmp_path):
+    """What ``experiments/fno_deq.py`` counts on to read a longer run at a shorter plan's epochs
+    (``finished_for``, ``at_plan_epochs``): under a constant rate the first 2 epochs of a 3-epoch plan are the
+    2-epoch plan's training, evaluated as often or not (every epoch against every second), with the Jacobian
+    regulariser's probes drawing from torch's global stream. Under a cosine schedule they are not."""
+    def epoch_2(epochs: int, eval_every: int, scheduler: str) -> dict:
+        cfg = _cfg(darcy, tmp_path / f"{scheduler}-{epochs}", epochs=epochs, eval_every=eval_every, jac_reg=1.0,
+                   scheduler=scheduler)
+        (record,) = [r for r in train(cfg, progress=False, log=lambda m: None)["history"] if r["epoch"] == 2]
+        return {k: v for k, v in record.items() if k not in ("time_s", "peak_memory_bytes")}
+
+    shorter = epoch_2(2, 1, "constant")
+    assert {"test_rel_l2", "test_solver_iters", "train_jac_loss"} <= shorter.keys()
+    assert epoch_2(3, 2, "constant") == shorter
+    assert epoch_2(3, 2, "cosine")["train_rel_l2"] != epoch_2(2, 1, "cosine")["train_rel_l2"]
+
+
 def _ddp_worker(rank, port, cfg, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
