@@ -66,6 +66,12 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 0,1,2 --ns-noise '' --ns-viscosities 0.01 \\
         --ns-train 4500 --ns-test 500 --ns-subsample 1 --models fno-deq,fno-d4,fno++-d4 --jac-reg 3 --jobs 9 \\
         --ns-epochs 6
+    # a paper-size nu=0.001 cell too long for one machine's hold: its baselines on one machine, then its FNO-DEQs on
+    # another, which takes the baselines' finished runs from the first file (the same jobs in both plans)
+    python experiments/fno_deq.py --out A --problems ns --ns-seeds 0,1,2 --ns-noise 0.004 --ns-viscosities 0.001 \\
+        --ns-settings input-noise-0.004 --ns-train 4500 --ns-test 500 --ns-subsample 1 --jac-reg 3 --jobs 9 \\
+        --ns-epochs 8 --models fno-d4,fno++-d4
+    python experiments/fno_deq.py --out B ... --models fno-deq,fno-d4,fno++-d4 --reuse A/fno_deq_ns.json
     # three more seeds (3,4,5) of one NS cell: --ns-settings picks it (the clean cell is always planned otherwise)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 3,4,5 --ns-noise 0.001 --ns-epochs 48 \\
         --ns-viscosities 0.001 --ns-settings input-noise-0.001 --models fno-deq,fno-d4,fno++-d4

@@ -298,6 +298,28 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     assert mod.trained_on(reused)["device"] == "GPU A + GPU B"
 
 
+def test_fno_deq_experiment_plans_a_cells_baselines_alone_as_in_the_whole_cell():
+    """A paper-size cell split over two machines (its baselines first with ``--models fno-d4,fno++-d4``, then
+    FNO-DEQ with ``--reuse`` of their results file) trains what the whole cell's plan trains: the baselines' jobs
+    have the same ids and configs in both plans, whatever flags only FNO-DEQ takes (``--jac-reg``,
+    ``--checkpoint-unrolled``), so ``--reuse`` takes every one of them and only FNO-DEQ trains."""
+    mod = load_experiment("fno_deq")
+    cell = ["--out", "/nowhere", "--problems", "ns", "--ns-seeds", "0,1,2", "--ns-noise", "0.004",
+            "--ns-viscosities", "0.001", "--ns-settings", "input-noise-0.004", "--ns-train", "4500", "--ns-test", "500",
+            "--ns-subsample", "1", "--jac-reg", "3", "--ns-epochs", "8", "--device", "cpu"]
+
+    def trainings(*flags: str) -> dict[str, dict]:
+        args = mod.build_parser().parse_args(cell + list(flags))
+        return {j["id"]: j["config"] for j in mod.plan(args) if j["kind"] == "train"}
+
+    baselines = trainings("--models", "fno-d4,fno++-d4")
+    whole = trainings("--models", "fno-deq,fno-d4,fno++-d4", "--checkpoint-unrolled")
+    assert len(baselines) == 6
+    assert set(whole) - set(baselines) == {f"train-ns-nu0.001-input-noise-0.004-fno-deq-s{s}" for s in range(3)}
+    assert {jid: whole[jid] for jid in baselines} == baselines
+    assert all(whole[f"train-ns-nu0.001-input-noise-0.004-fno-deq-s{s}"]["jac_reg"] == 3 for s in range(3))
+
+
 def test_fno_deq_experiment_reports_ifno_last_step_beside_fno_deq_solve(tmp_path):
     """``experiments/fno_deq.py``'s results: per cell the mean test solve of FNO-DEQ and the mean last unrolled
     step of IFNO, left out where a run predates the record (a reused run), never for FNO."""
