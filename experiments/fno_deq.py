@@ -398,12 +398,22 @@ def finished_for(run: dict | None, plan: dict) -> bool:
     return _same_training_up_to(run, plan)
 
 
+def _same_settings(recorded: dict, plan: dict) -> bool:
+    """Whether a run whose recorded config is ``recorded`` trained with ``plan``'s settings, its length and
+    machine aside. A record that predates a setting ran with TrainConfig's default for it."""
+    from dataclasses import fields
+
+    from pde.train import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return all(recorded.get(k, defaults.get(k)) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
+
+
 def _same_training_up_to(run: dict, plan: dict) -> bool:
     """Whether ``run``, trained under a longer plan, did what ``plan`` does up to the plan's epochs: a constant
     rate (a cosine schedule's rate depends on the length) and otherwise the same settings."""
     recorded = run.get("config") or {}
-    return recorded.get("scheduler", "cosine") != "cosine" and all(
-        recorded.get(k) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
+    return recorded.get("scheduler", "cosine") != "cosine" and _same_settings(recorded, plan)
 
 
 # a job's result gives the test solve of its last epoch under these keys, and of every evaluation in its
@@ -448,16 +458,6 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
     TrainConfig's defaults for keys it predates) are taken, and an existing job result is never
     overwritten. A run that predates its own record of where it trained takes the file's device, torch
     and commit, so the merged results name that machine too (``trained_on``)."""
-    from dataclasses import fields
-
-    from pde.train import TrainConfig
-
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-
-    def same_settings(planned_cfg: dict, recorded: dict | None) -> bool:
-        return recorded is None or all(recorded.get(k, defaults.get(k)) == v
-                                       for k, v in planned_cfg.items() if k not in MACHINE_KEYS)
-
     planned = {j["id"]: j for j in jobs if j["kind"] == "train"}
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     taken = []
@@ -468,8 +468,7 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
             j = planned.get(jid)
             dest = out / "jobs" / f"{jid}.json"
             r = at_plan_epochs(r, j["config"]) if j else None
-            if (r and not dest.exists()
-                    and same_settings({k: v for k, v in j["config"].items() if k != "epochs"}, r.get("config"))):
+            if r and not dest.exists() and (r.get("config") is None or _same_settings(r["config"], j["config"])):
                 _dump(dest, r if "device" in r else {**r, **origin})
                 taken.append(jid)
     return taken

@@ -257,12 +257,13 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     """``experiments/fno_deq.py --reuse``: a fresh machine takes the finished runs a results file records
     (so it only trains new seeds), never a cut run, a run it does not plan or planned with other settings,
     or over an existing result; a run without its own record of where it trained takes the file's. A run of
-    a longer constant-rate plan stopped at this plan's epochs is taken, one with a cosine schedule is not."""
+    a longer constant-rate plan stopped at this plan's epochs is taken, one with a cosine schedule is not, and
+    its settings are compared as any run's are (a key its record predates: TrainConfig's default)."""
     import json
 
     mod = load_experiment("fno_deq")
     jobs = [{"id": f"train-{s}", "kind": "train", "config": {"epochs": 6, "loss_reduction": "mean", "out": s}}
-            for s in ("a", "b", "c", "d", "e", "f", "g", "h")]
+            for s in ("a", "b", "c", "d", "e", "f", "g", "h", "i")]
     jobs[5]["config"]["loss_reduction"] = "sum"
     jobs.append({"id": "data-x", "kind": "data", "config": {}})
     runs = {"train-a": {"epochs_done": 6, "test_rel_l2": 0.1, "config": {"epochs": 6, "out": "elsewhere"}},
@@ -275,14 +276,16 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
             "train-g": {"epochs_done": 6, "epochs": 8, "test_rel_l2": 0.1,
                         "config": {"epochs": 8, "loss_reduction": "mean", "scheduler": "constant", "out": "x"}},
             "train-h": {"epochs_done": 6, "epochs": 8, "test_rel_l2": 0.1,
-                        "config": {"epochs": 8, "loss_reduction": "mean", "scheduler": "cosine", "out": "x"}}}
+                        "config": {"epochs": 8, "loss_reduction": "mean", "scheduler": "cosine", "out": "x"}},
+            "train-i": {"epochs_done": 6, "epochs": 8, "test_rel_l2": 0.1,  # predates loss_reduction: the mean
+                        "config": {"epochs": 8, "scheduler": "constant", "out": "x"}}}
     results = tmp_path / "fno_deq_ns.json"
     results.write_text(json.dumps({"metrics": {"runs": runs}}))
     out = tmp_path / "out"
     (out / "jobs").mkdir(parents=True)
     (out / "jobs" / "train-c.json").write_text(json.dumps({"epochs_done": 6, "test_rel_l2": 0.3}))
     taken = mod.reuse_runs([str(results)], jobs, out)
-    assert taken == ["train-a", "train-g"]  # finished, planned, same settings (its run folder may differ)
+    assert taken == ["train-a", "train-g", "train-i"]  # finished, planned, same settings (its run folder may differ)
     assert json.loads((out / "jobs" / "train-a.json").read_text()) == runs["train-a"]
     assert json.loads((out / "jobs" / "train-c.json").read_text())["test_rel_l2"] == 0.3
     assert not (out / "jobs" / "train-b.json").exists() and not (out / "jobs" / "data-x.json").exists()
@@ -291,7 +294,7 @@ def test_fno_deq_experiment_reuses_only_finished_planned_runs(tmp_path):
     runs["train-b"] = {**runs["train-c"], "device": "GPU B", "torch": "2.1", "commit": "def"}
     results.write_text(json.dumps({**where, "metrics": {"runs": runs}}))
     (out / "jobs" / "train-a.json").unlink()
-    assert mod.reuse_runs([str(results)], jobs, out) == ["train-a", "train-b"]  # train-g is there already
+    assert mod.reuse_runs([str(results)], jobs, out) == ["train-a", "train-b"]  # train-g, -i are there already
     assert json.loads((out / "jobs" / "train-a.json").read_text()) == {**runs["train-a"], **where}
     assert json.loads((out / "jobs" / "train-b.json").read_text()) == runs["train-b"]
     reused = [json.loads((out / "jobs" / f"train-{s}.json").read_text()) for s in "ab"]
