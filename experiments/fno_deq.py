@@ -80,6 +80,7 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -94,7 +95,7 @@ sys.path.insert(0, str(ROOT))
 # Paper values (Marwah et al. 2023, Table 1, Darcy 85x85 clean, test relative L2, mean of 3 seeds), for the README.
 PAPER = {"darcy": {"fno-d4": 0.0078, "fno++-d4": 0.0088, "ifno": 0.0076, "fno-deq": 0.0057}}
 # Variance of the raw fields in the paper's NS files (its data/navier_stokes_dataloader.py, visc 0.01).
-from pde.train import PAPER_NS_VARIANCE  # noqa: E402
+from pde.train import PAPER_NS_VARIANCE, TrainConfig  # noqa: E402
 
 BASELINES = ("fno-d4", "fno++-d4")
 
@@ -177,7 +178,7 @@ def _subset(available: dict, wanted: str, flag: str) -> dict:
 
 def plan(args) -> list[dict]:
     """Every job: data generation, the memory sweep, one training per (data, setting, model, seed)."""
-    from pde.train import TrainConfig, load_config
+    from pde.train import load_config
 
     # --paper-match: the Darcy FNO-DEQ config's current normaliser, spectral bias and gradient
     current = load_config(None, ROOT / "experiments" / "configs" / "darcy-fno-deq.toml")
@@ -272,7 +273,7 @@ def _worker(spec_path: str) -> int:
 
 def _train_worker(spec: dict, result_path: Path) -> int:
     from implicit.results import run_environment
-    from pde.train import TrainConfig, evaluate, load_split, train
+    from pde.train import evaluate, load_split, train
 
     cfg_d = dict(spec["config"])
     if cfg_d.get("noise_scale") == "auto":
@@ -383,6 +384,7 @@ def _dump(path: Path, obj: dict) -> None:
 
 # a run's paths, and what is set at run time: none of them changes what the run learns
 MACHINE_KEYS = frozenset({"device", "out", "data", "plot", "eval_every", "noise_scale"})
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def finished_for(run: dict | None, plan: dict) -> bool:
@@ -401,12 +403,8 @@ def finished_for(run: dict | None, plan: dict) -> bool:
 def _same_settings(recorded: dict, plan: dict) -> bool:
     """Whether a run whose recorded config is ``recorded`` trained with ``plan``'s settings, its length and
     machine aside. A record that predates a setting ran with TrainConfig's default for it."""
-    from dataclasses import fields
-
-    from pde.train import TrainConfig
-
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    return all(recorded.get(k, defaults.get(k)) == v for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
+    return all(recorded.get(k, _TRAIN_DEFAULTS.get(k)) == v
+               for k, v in plan.items() if k not in MACHINE_KEYS | {"epochs"})
 
 
 def _same_training_up_to(run: dict, plan: dict) -> bool:
