@@ -415,6 +415,31 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
         mod.plan(mod.build_parser().parse_args(ns + ["--ns-settings", "input-noise-0.001"]))
 
 
+def test_fno_deq_experiment_small_gives_defaults_that_given_flags_override(tmp_path):
+    """``--small``: its toy defaults (2 epochs, NS seed 0, one noise level, the CPU) apply to the flags not
+    given, a given flag wins (``--ns-seeds 0,1`` trains both seeds, not seed 0 alone), and a flag its toy data
+    cannot honour (another viscosity, sample count or grid) stops the command instead of being dropped."""
+    mod = load_experiment("fno_deq")
+    base = ["--small", "--problems", "ns", "--out", str(tmp_path)]
+
+    def trains(*flags: str) -> list[dict]:
+        return [j for j in mod.plan(mod.parse_args(base + list(flags))) if j["kind"] == "train"]
+
+    toy = trains()
+    assert {j["seed"] for j in toy} == {0} and {j["config"]["epochs"] for j in toy} == {2}
+    assert {j["setting"] for j in toy} == {"clean", "input-noise-0.004", "target-noise-0.004"}
+    assert {j["config"]["device"] for j in toy} == {"cpu"} and mod.parse_args(base).jobs == 2
+    chosen = trains("--ns-seeds", "0,1", "--ns-epochs", "3", "--ns-noise", "0.001")
+    assert {j["seed"] for j in chosen} == {0, 1} and {j["config"]["epochs"] for j in chosen} == {3}
+    assert {j["setting"] for j in chosen} == {"clean", "input-noise-0.001", "target-noise-0.001"}
+    assert mod.parse_args(base + ["--jobs", "5"]).jobs == 5
+    for flags in (["--ns-viscosities", "0.001"], ["--ns-train", "4500"], ["--ns-subsample", "1"]):
+        with pytest.raises(SystemExit, match=flags[0]):
+            mod.parse_args(base + flags)
+    assert mod.parse_args(["--out", str(tmp_path)]).ns_seeds == "0"  # without --small: the usual defaults
+    assert mod.parse_args(["--out", str(tmp_path)]).ns_viscosities == "0.01,0.001"
+
+
 def test_fno_deq_experiment_run_records_where_it_trained(tmp_path):
     """A training job's result file carries the device, torch version and commit it trained with."""
     import json
