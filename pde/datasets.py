@@ -349,8 +349,9 @@ def open_file(path: str | os.PathLike, generator: str | None = None,
     """Open a generated file read-only, checking that it is complete, from ``generator``, and has ``variables``."""
     path = Path(path)
     if not path.is_file():
-        hint = " (a partial .tmp file exists: re-run `implicit data generate` to finish it)" if \
-            path.with_name(path.name + ".tmp").exists() else ""
+        hint = (" (a partial .tmp file exists: re-run `implicit data generate` to finish it)"
+                if path.with_name(path.name + ".tmp").exists() else
+                " (`implicit data generate RECIPE` writes one, RECIPE a data/*.toml name such as darcy-85)")
         raise FileNotFoundError(f"no data file {path}{hint}")
     f = h5py.File(path, "r")
     try:

@@ -283,11 +283,9 @@ def check_data_file(path: str | os.PathLike, variables: tuple[str, ...]) -> tupl
 
 
 def _io_variables(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    import h5py
+    from .datasets import IO_VARIABLES, open_file
 
-    from .datasets import IO_VARIABLES
-
-    with h5py.File(path, "r") as f:
+    with open_file(path) as f:  # a missing, partial or foreign file fails here, by name
         gen = f.attrs.get("generator")
     if gen not in IO_VARIABLES:
         raise ValueError(f"{path} was not written by this package's generators (attribute generator={gen!r})")

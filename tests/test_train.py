@@ -294,6 +294,9 @@ def test_wrong_variables_or_shapes_fail_clearly(darcy, tmp_path):
         dst.create_dataset("solution", data=src["solution"][()])
     with pytest.raises(ValueError, match=r"\(sample, x, y\)"):
         train(_cfg(flat, tmp_path / "r2", test_data=str(darcy)), progress=False, log=lambda m: None)
+    missing = tmp_path / "missing_train.h5"  # named by the package, not by h5py's errno text
+    with pytest.raises(FileNotFoundError, match=f"no data file {missing}"):
+        train(_cfg(missing, tmp_path / "r3", test_data=str(darcy)), progress=False, log=lambda m: None)
 
 
 def test_noise_protocol_and_config():
