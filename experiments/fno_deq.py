@@ -3,7 +3,8 @@
 One command trains every (problem, noise setting, model, seed) as its own process on one GPU
 (``--jobs`` at once: the models are small and one process leaves the GPU idle between kernel
 launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and ``fno_deq_ns.json``
-(+ PNGs) into ``--out`` through :func:`implicit.results.write_results`.
+(+ PNGs) into ``--out`` through :func:`implicit.results.write_results`. On a host with several GPUs
+(``--device cuda``, or ``auto`` there) each process goes to the GPU running the fewest of them.
 
 - Data: darcy-85 (1024 train / 500 test, solved at 421 and stored at 85x85) and the ns-nu0.01 /
   ns-nu0.001 recipes (128x128) with ``--ns-train`` / ``--ns-test`` samples (the paper: 4500 / 500;
@@ -72,6 +73,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
         --ns-settings input-noise-0.004 --ns-train 4500 --ns-test 500 --ns-subsample 1 --jac-reg 3 --jobs 9 \\
         --ns-epochs 8 --models fno-d4,fno++-d4
     python experiments/fno_deq.py --out B ... --models fno-deq,fno-d4,fno++-d4 --reuse A/fno_deq_ns.json
+    # or the whole cell in one command on a two-GPU host (nvidia-h200-x2): its nine processes alternate over the
+    # GPUs in plan order, so one GPU gets two of the three FNO-DEQs (not yet run on a GPU)
+    python experiments/fno_deq.py --out OUT ... --ns-epochs 8 --models fno-deq,fno-d4,fno++-d4
     # three more seeds (3,4,5) of one NS cell: --ns-settings picks it (the clean cell is always planned otherwise)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 3,4,5 --ns-noise 0.001 --ns-epochs 48 \\
         --ns-viscosities 0.001 --ns-settings input-noise-0.001 --models fno-deq,fno-d4,fno++-d4
@@ -472,8 +476,29 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
     return taken
 
 
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs one command spreads its processes over: with ``--device cuda`` on a host with several, every
+    one this process sees (as CUDA_VISIBLE_DEVICES names them, so a parent's choice is kept); else none, and
+    every process takes ``device`` as given."""
+    if device != "cuda":
+        return []
+    import torch
+
+    n = torch.cuda.device_count()
+    named = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    gpus = [g.strip() for g in named.split(",")][:n] if named else [str(i) for i in range(n)]
+    return gpus if len(gpus) > 1 else []
+
+
+def least_busy(gpus: list[str], busy: list[str]) -> str:
+    """The GPU running the fewest of this command's processes (``busy``: one entry per running process), the
+    first such in order: processes started together alternate over the GPUs."""
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
+
+
 def run_jobs(jobs: list[dict], args, deadline: float) -> None:
-    """Run ``jobs`` as subprocesses, ``args.jobs`` at once, each once its ``needs`` are done."""
+    """Run ``jobs`` as subprocesses, ``args.jobs`` at once, each once its ``needs`` are done; on a host with
+    several GPUs (:func:`visible_gpus`) each process is pinned to the least busy one."""
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -488,16 +513,19 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
     failed: set[str] = set()
     retried: set[str] = set()
     by_id = {j["id"]: j for j in jobs}
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, str | None]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    gpus = visible_gpus(args.device)
+    if gpus and pending:
+        print(f"{len(gpus)} GPUs ({','.join(gpus)}): each process on the least busy one", flush=True)
     t_start = time.time()
     while pending or running:
-        for jid, (proc, t0) in list(running.items()):
+        for jid, (proc, t0, gpu) in list(running.items()):
             if proc.poll() is not None:
                 del running[jid]
                 ok = proc.returncode == 0
-                print(f"[{time.time() - t_start:6.0f} s] {'done' if ok else 'FAILED'} {jid} ({time.time() - t0:.0f} s)",
-                      flush=True)
+                print(f"[{time.time() - t_start:6.0f} s] {'done' if ok else 'FAILED'} {jid} ({time.time() - t0:.0f} s"
+                      f"{f', GPU {gpu}' if gpu else ''})", flush=True)
                 if ok:
                     done.add(jid)
                     continue
@@ -527,9 +555,11 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
             spec_path = out / "jobs" / f"{j['id']}.spec.json"
             _dump(spec_path, spec)
             log = open(out / "logs" / f"{j['id']}.log", "a")
+            gpu = least_busy(gpus, [g for *_, g in running.values()]) if gpus else None
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-            running[j["id"]] = (proc, time.time())
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                    env=dict(env, CUDA_VISIBLE_DEVICES=gpu) if gpu else env)
+            running[j["id"]] = (proc, time.time(), gpu)
             pending.remove(j)
         if pending and not running and all(j["kind"] == "train" for j in pending) and time.time() > deadline - 20:
             print(f"budget spent: {len(pending)} training(s) not started; re-run to continue", flush=True)

@@ -440,6 +440,47 @@ def test_fno_deq_experiment_small_gives_defaults_that_given_flags_override(tmp_p
     assert mod.parse_args(["--out", str(tmp_path)]).ns_viscosities == "0.01,0.001"
 
 
+def test_fno_deq_experiment_spreads_its_processes_over_the_hosts_gpus(tmp_path, monkeypatch):
+    """On a host with several GPUs (``--device cuda``), one command pins each process to the least busy GPU
+    through CUDA_VISIBLE_DEVICES, named as the parent sees them; with one GPU or another device nothing is
+    pinned. The processes are stand-ins that record their environment."""
+    import time
+    import types
+
+    mod = load_experiment("fno_deq")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert mod.visible_gpus("cuda") == ["0", "1"]
+    assert mod.visible_gpus("cuda:1") == [] and mod.visible_gpus("cpu") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert mod.visible_gpus("cuda") == ["2", "3"]  # the parent's choice of GPUs is kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert mod.visible_gpus("cuda") == []
+    assert mod.least_busy(["2", "3"], ["2", "2", "3"]) == "3" and mod.least_busy(["2", "3"], []) == "2"
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    started: list[str | None] = []
+
+    class Worker:  # runs until every job has started, so the assignment does not depend on timing
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            started.append(env.get("CUDA_VISIBLE_DEVICES"))
+
+        def poll(self):
+            return 0 if len(started) == 5 else None
+
+    monkeypatch.setattr(mod.subprocess, "Popen", Worker)
+    jobs = [{"id": f"train-{i}", "kind": "train", "needs": [], "config": {}} for i in range(5)]
+    args = types.SimpleNamespace(out=str(tmp_path), jobs=5, device="cuda")
+    mod.run_jobs(jobs, args, deadline=time.time() + 600)
+    assert started == ["2", "3", "2", "3", "2"]
+    started.clear()
+    mod.run_jobs(jobs, types.SimpleNamespace(out=str(tmp_path / "one"), jobs=5, device="cuda:0"),
+                 deadline=time.time() + 600)
+    assert started == ["2,3"] * 5  # one device given: the environment is the parent's
+
+
 def test_fno_deq_experiment_run_records_where_it_trained(tmp_path):
     """A training job's result file carries the device, torch version and commit it trained with."""
     import json
