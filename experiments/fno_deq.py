@@ -493,7 +493,7 @@ def visible_gpus(device: str) -> list[str]:
 def least_busy(gpus: list[str], busy: list[str]) -> str:
     """The GPU running the fewest of this command's processes (``busy``: one entry per running process), the
     first such in order: processes started together alternate over the GPUs."""
-    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
+    return min(gpus, key=busy.count)  # min keeps the first of equals
 
 
 def run_jobs(jobs: list[dict], args, deadline: float) -> None:
