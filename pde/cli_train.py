@@ -36,6 +36,7 @@ _FLAGS = {
     "--depth": ("depth", int, "fno/fno++: number of 3-layer blocks"),
     "--iterations": ("iterations", int, "ifno: applications of the tied block"),
     "--padding": ("padding", float, "domain padding, fraction of the grid (0 for periodic data)"),
+    "--grid": ("grid", str, "grid coordinates: auto (the data's) | periodic (i/s, NS) | closed (i/(s-1), Darcy's walls)"),
     "--norm": ("norm", str, 'normalisation in the Fourier layers: instance_norm | group_norm | none'),
     "--spectral-bias": ("spectral_bias", _flag_bool,
                         "a bias in each spectral convolution (true | false; papers: false)"),
@@ -69,9 +70,11 @@ _FLAGS = {
     "--gamma": ("gamma", float, "scheduler=step: decay factor"),
     "--seed": ("seed", int, "random seed (initialisation, data order, noise)"),
     "--device": ("device", str, '"auto", "cpu", "cuda", "cuda:1", ...'),
-    "--amp": ("amp", str, "mixed precision: none | bf16 | fp16"),
+    "--amp": ("amp", str, "mixed precision: none | bf16 (fp16 cannot train the complex spectral weights)"),
     "--noise-level": ("noise_level", float, "maximum noise variance of the observations (paper: 1e-3)"),
     "--noise-on": ("noise_on", str, "input | target: which field gets the noise"),
+    "--noise-per-epoch": ("noise_per_epoch", _flag_bool,
+                          "draw the noise anew each epoch, as the paper's NS loader (true | false; default: once)"),
     "--noise-scale": ("noise_scale", float, "multiplies the noise variances (1: the paper's, on the raw field)"),
     "--out": ("out", str, "run folder (default runs/<data>-<model>)"),
 }
@@ -122,7 +125,7 @@ def _wrap(fn):
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (ValueError, FileNotFoundError, FileExistsError) as err:
+        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
     return run

@@ -27,7 +27,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -410,19 +410,27 @@ class PointwiseNormalizer(torch.nn.Module):
 
     Where every training target has the same value (a Dirichlet boundary) the std is zero, so decoded
     outputs take that value exactly. On another grid (zero-shot transfer) the statistics are interpolated
-    bilinearly, treating both grids as spanning the same domain end to end."""
+    bilinearly: between grids that span the domain end to end (both walls, Darcy), or with wrap-around
+    between periodic grids (points ``i / s``, Navier-Stokes) when ``periodic``."""
 
-    def __init__(self, channels: int, shape: Sequence[int], eps: float = 1e-5):
+    def __init__(self, channels: int, shape: Sequence[int], eps: float = 1e-5, periodic: bool = False):
         super().__init__()
         self.eps = eps
         self.register_buffer("mean", torch.zeros(channels, *shape))
         self.register_buffer("std", torch.ones(channels, *shape))
+        self.register_buffer("periodic", torch.tensor(bool(periodic)))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        state_dict.setdefault(prefix + "periodic", torch.tensor(False))  # saved before the flag: end-to-end grids
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> "PointwiseNormalizer":
         """Statistics of ``x`` ``(N, C, s, s)`` over the samples."""
         if x.shape[1:] != self.mean.shape:
             raise ValueError(f"expected samples of shape {tuple(self.mean.shape)}, got {tuple(x.shape[1:])}")
+        if x.shape[0] < 2:
+            raise ValueError(f"a per-point std needs at least 2 samples, got {x.shape[0]}")
         self.mean.copy_(x.double().mean(dim=0).to(self.mean))
         self.std.copy_(x.double().std(dim=0).to(self.std))
         return self
@@ -430,8 +438,11 @@ class PointwiseNormalizer(torch.nn.Module):
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, std = self.mean.to(x), self.std.to(x)
         if x.shape[-2:] != mean.shape[-2:]:
-            resize = lambda v: torch.nn.functional.interpolate(  # noqa: E731
-                v[None], size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
+            if bool(self.periodic):
+                resize = lambda v: _resample_periodic(v, x.shape[-2:])  # noqa: E731
+            else:
+                resize = lambda v: torch.nn.functional.interpolate(  # noqa: E731
+                    v[None], size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
             mean, std = resize(mean), resize(std)
         return mean, std
 
@@ -446,22 +457,48 @@ class PointwiseNormalizer(torch.nn.Module):
         return x * (std + self.eps) + mean
 
 
+def _resample_periodic(v: Tensor, size: Sequence[int]) -> Tensor:
+    """``v`` ``(C, h, w)`` on the periodic grid ``(i / h, j / w)`` linearly interpolated, with wrap-around, onto
+    the periodic grid of ``size``."""
+    for dim, n in zip((-2, -1), size):
+        m = v.shape[dim]
+        pos = torch.arange(n, device=v.device, dtype=torch.float64) * (m / n)
+        lo = pos.floor().long()
+        w = (pos - lo).to(v.dtype).view([-1 if d == dim % v.dim() else 1 for d in range(v.dim())])
+        v = v.index_select(dim, lo % m) * (1 - w) + v.index_select(dim, (lo + 1) % m) * w
+    return v
+
+
 NORMALIZERS = ("channel", "pointwise", "scale")
 
 
-def fit_normalizer(kind: str, x: Tensor) -> ChannelNormalizer | PointwiseNormalizer:
+def fit_normalizer(kind: str, x: Tensor, periodic: bool = False) -> ChannelNormalizer | PointwiseNormalizer:
     """A normaliser of ``kind`` fitted on ``x`` ``(N, C, s, s)``: ``"channel"`` (mean and std per channel),
-    ``"pointwise"`` (per channel and grid point) or ``"scale"`` (mean zero, std per channel)."""
+    ``"pointwise"`` (per channel and grid point; ``periodic``: on a periodic grid, which matters when it is
+    resampled to another resolution) or ``"scale"`` (mean zero, std per channel)."""
     if kind in ("channel", "scale"):
         return ChannelNormalizer(x.shape[1]).fit(x, center=kind == "channel")
     if kind == "pointwise":
-        return PointwiseNormalizer(x.shape[1], x.shape[2:]).fit(x)
+        return PointwiseNormalizer(x.shape[1], x.shape[2:], periodic=periodic).fit(x)
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {kind!r}")
 
 
 def normalizer_like(mean: Tensor) -> ChannelNormalizer | PointwiseNormalizer:
     """An unfitted normaliser whose buffers have the shape of a saved ``mean`` (to load a state_dict into)."""
     return ChannelNormalizer(mean.numel()) if mean.dim() == 1 else PointwiseNormalizer(mean.shape[0], mean.shape[1:])
+
+
+def _check_subsample(path: str | os.PathLike, coords: np.ndarray, k: int) -> None:
+    """A stride ``k`` keeps the domain only where it divides the grid: ``s - 1`` intervals on a grid with both
+    walls (Darcy, ends at 1), ``s`` on a periodic one (Navier-Stokes, ``i / s``)."""
+    s = len(coords)
+    closed = bool(np.isclose(coords[-1], 1.0))
+    if k > 1 and (s - 1 if closed else s) % k:
+        kind = "both walls" if closed else "periodic"
+        raise ValueError(f"{path}: subsample {k} does not divide its {s}-point grid ({kind}: {s - 1 if closed else s} "
+                         f"intervals), so the subsampled grid would not span the domain")
+    if len(range(0, s, k)) < 4:
+        raise ValueError(f"{path}: subsample {k} leaves {len(range(0, s, k))} of {s} grid points; at least 4 are needed")
 
 
 class PDEDataset(torch.utils.data.Dataset):
@@ -495,6 +532,7 @@ class PDEDataset(torch.utils.data.Dataset):
         with open_file(path, generator, tuple(inputs or ()) + tuple(targets or ())) as f:
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
             n = f["sample"].shape[0] if limit is None else min(limit, f["sample"].shape[0])
+            _check_subsample(path, np.asarray(f["x"]), subsample)
             sl = (slice(0, n), slice(None, None, subsample), slice(None, None, subsample))
             self.x = torch.stack([torch.as_tensor(f[v][sl]) for v in inputs], dim=1).to(dtype)
             self.y = torch.stack([torch.as_tensor(f[v][sl]) for v in targets], dim=1).to(dtype)

@@ -40,6 +40,14 @@ channel ratios survive) is contractive at init too (Jacobian norm 0.6 to 1.1), b
 the same CPU run it needed up to 24 iterations early in training. :class:`FNODEQ` warns when built with
 ``instance_norm``.
 
+Grid coordinates. Every model appends the grid's coordinates to its input as two channels. ``grid="periodic"``
+(the constructors' default, and what checkpoints from before the option used) places point ``i`` of ``s`` at
+``i / s``, neuraloperator's ``GridEmbeddingND``: right for the periodic Navier-Stokes grid. ``grid="closed"``
+places it at ``i / (s - 1)``, both ends included: right for Darcy's grid, which holds both walls, and what
+the paper's code uses on every problem. On another resolution (zero-shot transfer) a physical point then
+keeps its coordinate; with ``periodic`` on Darcy the far wall sits at ``(s - 1) / s``, which moves with ``s``.
+Training picks the data's kind (:mod:`pde.train`).
+
 ``modes`` follows the FNO papers' convention (modes kept per direction and sign, 12 in the
 paper); neuraloperator's ``n_modes`` is ``2 * modes``. Models are built with keyword
 arguments only and remember them, so :func:`load_model` rebuilds one from its checkpoint
@@ -67,6 +75,7 @@ __all__ = [
 
 MODELS: dict[str, type["NeuralOperator"]] = {}
 NORMS = ("instance_norm", "group_norm", None)
+GRIDS = ("periodic", "closed")
 SPECTRAL_INITS = ("fno", "neuralop")
 
 
@@ -112,15 +121,35 @@ def _check_common(in_channels: int, out_channels: int, width: int, modes: int, p
         raise ValueError(f"padding is a fraction of the grid size in [0, 1), got {padding!r}")
 
 
+class ClosedGridCoordinates(nn.Module):
+    """Appends the coordinates ``(i / (h - 1), j / (w - 1))`` of a grid whose points include both ends (walls),
+    as two channels: the ``grid="closed"`` counterpart of neuraloperator's periodic ``GridEmbeddingND``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        gx, gy = torch.meshgrid(torch.linspace(0, 1, h, device=x.device, dtype=x.dtype),
+                                torch.linspace(0, 1, w, device=x.device, dtype=x.dtype), indexing="ij")
+        return torch.cat([x, gx.expand(b, 1, h, w), gy.expand(b, 1, h, w)], dim=1)
+
+
+def _grid_embedding(in_channels: int, grid: str) -> nn.Module:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    if grid == "closed":
+        return ClosedGridCoordinates()
+    from neuralop.layers.embeddings import GridEmbeddingND
+
+    return GridEmbeddingND(in_channels, dim=2, grid_boundaries=[[0, 1], [0, 1]])
+
+
 class _Stem(nn.Module):
     """Grid embedding + lifting to ``width`` channels + one-sided zero padding (non-periodic data)."""
 
-    def __init__(self, in_channels: int, width: int, padding: float):
+    def __init__(self, in_channels: int, width: int, padding: float, grid: str = "periodic"):
         super().__init__()
         from neuralop.layers.channel_mlp import ChannelMLP
-        from neuralop.layers.embeddings import GridEmbeddingND
 
-        self.grid = GridEmbeddingND(in_channels, dim=2, grid_boundaries=[[0, 1], [0, 1]])
+        self.grid = _grid_embedding(in_channels, grid)
         self.lift = ChannelMLP(in_channels + 2, width, hidden_channels=width, n_layers=1)
         self.padding = padding
 
@@ -240,14 +269,14 @@ class _InjectedOperator(NeuralOperator):
 
     def _build(self, in_channels: int, out_channels: int, width: int, modes: int, padding: float,
                layers_per_block: int, norm: str | None, spectral_init: str = "fno",
-               spectral_bias: bool = True) -> None:
+               spectral_bias: bool = True, grid: str = "periodic") -> None:
         _check_common(in_channels, out_channels, width, modes, padding)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         from neuralop.layers.channel_mlp import ChannelMLP
 
         self.in_channels, self.out_channels, self.width = in_channels, out_channels, width
-        self.stem = _Stem(in_channels, width, padding)
+        self.stem = _Stem(in_channels, width, padding, grid)
         self.head = OutputLayer(width, modes, norm, spectral_init, spectral_bias)
         self.project = ChannelMLP(width, out_channels, hidden_channels=4 * width, n_layers=2)
         self.layers_per_block = layers_per_block
@@ -270,12 +299,13 @@ class FNOPlusPlus(_InjectedOperator, name="fno++"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  depth: int = 1, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True,
+                 grid: str = "periodic"):
         super().__init__()
         if int(depth) != depth or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
         self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init,
-                    spectral_bias)
+                    spectral_bias, grid)
         self.blocks = nn.ModuleList([InjectedBlock(width, modes, layers_per_block, norm, spectral_init, spectral_bias)
                                      for _ in range(depth)])
 
@@ -294,12 +324,12 @@ class IFNO(_InjectedOperator, name="ifno"):
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  iterations: int = 8, padding: float = 0.1, layers_per_block: int = 3,
                  norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True,
-                 checkpoint_unrolled: bool = False):
+                 checkpoint_unrolled: bool = False, grid: str = "periodic"):
         super().__init__()
         if int(iterations) != iterations or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
         self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init,
-                    spectral_bias)
+                    spectral_bias, grid)
         self.iterations, self.checkpoint_unrolled = iterations, checkpoint_unrolled
         self.block = InjectedBlock(width, modes, layers_per_block, norm, spectral_init, spectral_bias)
 
@@ -342,12 +372,12 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
                  tol: float = 1e-6, max_iter: int = 32, eval_max_iter: int | None = None,
                  solver_options: dict | None = None, backward: str = "ift",
                  backward_options: dict | None = None, pretrain_steps: int = 0, pretrain_iter: int = 8,
-                 jac_reg_samples: int = 0, checkpoint_unrolled: bool = False):
+                 jac_reg_samples: int = 0, checkpoint_unrolled: bool = False, grid: str = "periodic"):
         super().__init__()
         from implicit.deq import DEQ
 
         self._build(in_channels, out_channels, width, modes, padding, layers_per_block, norm, spectral_init,
-                    spectral_bias)
+                    spectral_bias, grid)
         if norm == "instance_norm":
             warnings.warn("FNO-DEQ with norm='instance_norm': per-channel normalisation inside the tied block "
                           "makes it expansive, so the fixed-point solve does not converge (relative residual "
@@ -372,8 +402,11 @@ class FNODEQ(_InjectedOperator, name="fno-deq"):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
 
     def _record_adjoint(self, result: Any) -> None:
+        """The last ``ift`` backward's adjoint solve (training records it per epoch, in place of a warning)."""
         self.last_adjoint = {"n_iter": float(result.n_iter.float().mean()),
-                             "residual": float(result.residual.float().mean())}
+                             "residual": float(result.residual.float().mean()),
+                             "rel_residual": float(result.rel_residual.float().mean()),
+                             "converged": float(result.converged.float().mean())}
 
     def equilibrium(self, inj: Tensor, z0: Tensor | None) -> Tensor:
         training = self.training and torch.is_grad_enabled()
@@ -416,7 +449,8 @@ class FNO(NeuralOperator, name="fno"):
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 1, width: int = 32, modes: int = 12,
                  depth: int = 1, padding: float = 0.1, layers_per_block: int = 3,
-                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True):
+                 norm: str | None = "instance_norm", spectral_init: str = "fno", spectral_bias: bool = True,
+                 grid: str = "periodic"):
         super().__init__()
         _check_common(in_channels, out_channels, width, modes, padding)
         if spectral_init not in SPECTRAL_INITS:
@@ -431,6 +465,7 @@ class FNO(NeuralOperator, name="fno"):
                         use_channel_mlp=True, positional_embedding="grid",
                         conv_module=_spectral_conv_fp32(spectral_bias),
                         domain_padding=padding if padding > 0 else None)
+        self.net.positional_embedding = _grid_embedding(in_channels, grid)  # applied before the lifting
         if spectral_init == "fno":
             for conv in self.net.fno_blocks.convs:
                 _paper_spectral_init(conv)
@@ -508,4 +543,4 @@ def load_model(checkpoint: str | dict, map_location: str | torch.device = "cpu")
     state = ckpt["model"]
     op = Operator(net, normalizer_like(state["x_normalizer.mean"]), normalizer_like(state["y_normalizer.mean"]))
     op.load_state_dict(state)
-    return op
+    return op.eval()  # for inference: FNO-DEQ solves with its evaluation iteration limit

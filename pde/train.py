@@ -32,7 +32,7 @@ from implicit.distributed import resolve_device, setup_device
 from implicit.results import global_rng_state, save_torch_atomic, set_global_rng_state
 
 from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
-from .models import Operator, build_model, count_parameters, load_model
+from .models import GRIDS, Operator, build_model, count_parameters, load_model
 
 __all__ = [
     "TrainConfig", "PRESETS", "QUICK_DARCY_RECIPE", "load_config", "relative_l2", "add_observation_noise",
@@ -73,6 +73,9 @@ class TrainConfig:
     depth: int = 1  # fno, fno++: blocks of 3 Fourier layers
     iterations: int = 8  # ifno: applications of the tied block
     padding: float = 0.1
+    # the grid coordinates every model appends to its input: periodic (i / s, Navier-Stokes) | closed
+    # (i / (s - 1), both walls, Darcy; the paper's code everywhere) | auto: the data's kind (a resumed run: its own)
+    grid: str = "auto"
     # none (paper, Darcy; FNO-DEQ on NS too) | instance_norm (paper, NS; FNO-DEQ: no fixed point) | group_norm
     norm: str = "none"
     solver: str = "anderson"
@@ -110,7 +113,9 @@ class TrainConfig:
     gamma: float = 0.5
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16
+    # none | bf16. fp16 trains nothing here: its loss scaler (torch.amp.GradScaler) cannot unscale the
+    # spectral convolutions' complex gradients (pytorch/pytorch#58228); `implicit evaluate --amp fp16` works
+    amp: str = "none"
     # channel: one mean/std per channel (resolution-free) | pointwise: per channel and grid point, the FNO
     # papers' UnitGaussianNormalizer (on Darcy it pins the decoded solution to the zero boundary) | scale: mean 0,
     # one std per channel of the clean training data (the FNO-DEQ paper's Navier-Stokes scaling)
@@ -119,6 +124,9 @@ class TrainConfig:
     spectral_bias: bool = True
     noise_level: float = 0.0  # maximum noise variance (paper: 0.001 Darcy, 0.001/0.004 NS)
     noise_on: str = "input"  # input | target
+    # draw the noise anew each epoch (from seed and epoch), as the paper's Navier-Stokes loader does on every
+    # access; off: one draw for the whole run, as its Darcy loader (and every run in experiments/results)
+    noise_per_epoch: bool = False
     # multiplies every noise variance. 1 is the paper's protocol: noise of the stated variance on the
     # raw field (Darcy: our data has the paper's scale, coefficient 3/12). Where a data set's raw scale
     # differs from the paper's files (our Navier-Stokes recipes scale the forcing with the viscosity),
@@ -133,20 +141,31 @@ class TrainConfig:
 
         if self.model not in available_models():
             raise ValueError(f'model must be one of {available_models()}, got "{self.model}"')
-        checks = {"scheduler": ("cosine", "step", "constant"), "amp": ("none", "bf16", "fp16"),
+        if self.amp == "fp16":
+            raise ValueError("amp='fp16' cannot train these models: torch's GradScaler has no kernel for the "
+                             "spectral convolutions' complex gradients (pytorch/pytorch#58228); use amp='bf16', "
+                             "which needs no loss scaling")
+        checks = {"scheduler": ("cosine", "step", "constant"), "amp": ("none", "bf16"),
                   "noise_on": ("input", "target"), "loss_reduction": ("mean", "sum"), "normalizer": NORMALIZERS,
-                  "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled")}
+                  "norm": ("instance_norm", "group_norm", "none"), "backward": ("ift", "phantom", "jfb", "unrolled"),
+                  "grid": ("auto", *GRIDS)}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         for key in ("epochs", "batch_size", "width", "modes", "depth", "iterations", "max_iter", "subsample",
-                    "eval_every", "jac_reg_samples"):
+                    "eval_every", "jac_reg_samples", "backward_steps"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
         if self.backward_max_iter is not None and (not isinstance(self.backward_max_iter, int)
                                                    or self.backward_max_iter < 1):
             raise ValueError(f"backward_max_iter must be a positive integer, got {self.backward_max_iter!r}")
+        for key in ("ntrain", "ntest"):  # None: the whole file
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{key} must be a positive integer (or unset for the whole file), got {v!r}")
+        if self.backward == "phantom" and not 0 < self.backward_damping <= 1:  # else it fails after the warm-up
+            raise ValueError(f"backward_damping must be in (0, 1], got {self.backward_damping!r}")
         if self.backward_tol is not None and not self.backward_tol > 0:
             raise ValueError(f"backward_tol must be > 0, got {self.backward_tol!r}")
         if self.jac_reg < 0 or (self.jac_reg > 0 and self.model != "fno-deq"):
@@ -159,10 +178,11 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, weight_decay >= 0, noise_level >= 0 and noise_scale > 0, got {self.lr}, "
                              f"{self.weight_decay}, {self.noise_level}, {self.noise_scale}")
 
-    def model_kwargs(self, in_channels: int, out_channels: int) -> dict:
-        """Constructor kwargs of the chosen model (only those it takes)."""
+    def model_kwargs(self, in_channels: int, out_channels: int, data_grid: str = "periodic") -> dict:
+        """Constructor kwargs of the chosen model (only those it takes); ``grid="auto"`` takes ``data_grid``."""
+        grid = self.grid if self.grid != "auto" else data_grid
         kw: dict[str, Any] = dict(in_channels=in_channels, out_channels=out_channels, width=self.width,
-                                  modes=self.modes, padding=self.padding,
+                                  modes=self.modes, padding=self.padding, grid=grid,
                                   norm=None if self.norm == "none" else self.norm, spectral_bias=self.spectral_bias)
         if self.model in ("fno", "fno++"):
             kw["depth"] = self.depth
@@ -306,7 +326,7 @@ def noise_levels(max_variance: float, problem: str = "darcy") -> list[float]:
 
 
 def add_observation_noise(x: Tensor, max_variance: float, seed: int, *, problem: str = "darcy",
-                          scale: float = 1.0) -> Tensor:
+                          scale: float = 1.0, draw: int = 0) -> Tensor:
     """Noisy observations as in the FNO-DEQ paper (Sec. 5 and its released data loaders).
 
     The ``N`` samples are split into chunks, one per variance level in
@@ -314,13 +334,15 @@ def add_observation_noise(x: Tensor, max_variance: float, seed: int, *, problem:
     ``scale * levels[i]`` added to the raw (unnormalised) field, before the normalisers are
     fitted, as the paper's loaders do. Darcy: chunks of ``N // L`` samples, the ``N mod L`` last
     stay clean; Navier-Stokes: chunks of ``N // L + 1``, the last one shorter (the two loaders
-    differ). Deterministic in ``seed``.
+    differ). Deterministic in ``seed`` and ``draw`` (another draw: fresh noise, as each epoch of the paper's
+    Navier-Stokes loader).
     """
     levels = noise_levels(max_variance, problem)
     if len(levels) <= 1:
         return x
     per = x.shape[0] // len(levels) + (1 if problem == "navier_stokes" else 0)
-    g = torch.Generator().manual_seed(10_007 + seed)
+    # seeds below 1e6 get a stream per draw (torch's CPU generator keeps 32 bits of its seed)
+    g = torch.Generator().manual_seed((10_007 + seed + 1_000_003 * draw) % 2**32)
     out = x.clone()
     for i, var in enumerate(levels):
         if var > 0 and per > 0:
@@ -362,6 +384,12 @@ def _run_dir(cfg: TrainConfig) -> Path:
 
 # settings that may change between a run and its resumption
 _RESUMABLE_CHANGES = {"epochs", "device", "out", "plot", "eval_every"}
+
+
+def _diverged(loss: float, epoch: int, ckpt_path: Path) -> FloatingPointError:
+    kept = f"{ckpt_path} keeps epoch {epoch}" if epoch else "no checkpoint was written"
+    return FloatingPointError(f"the training loss became {loss} in epoch {epoch + 1}; {kept}. A lower lr (or, for "
+                              "fno-deq, a Jacobian regulariser: jac_reg) may keep it finite")
 
 
 @torch.no_grad()
@@ -463,23 +491,40 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     test_ds = load_split(test_path, limit=cfg.ntest, subsample=cfg.subsample)
     if train_ds.inputs != test_ds.inputs or train_ds.targets != test_ds.targets:
         raise ValueError(f"{train_path} and {test_path} hold different variables")
-    x_raw, y_raw = x_clean, y_clean = train_ds.x, train_ds.y
-    if cfg.noise_level > 0:  # on the raw training fields, before the normalisers are fitted (as the paper)
-        problem = "navier_stokes" if train_ds.inputs == IO_VARIABLES["navier_stokes"][0] else "darcy"
-        kw = dict(problem=problem, scale=cfg.noise_scale)
-        if cfg.noise_on == "input":
-            x_raw = add_observation_noise(x_raw, cfg.noise_level, cfg.seed, **kw)
-        else:
-            y_raw = add_observation_noise(y_raw, cfg.noise_level, cfg.seed, **kw)
-    # fitted on the (noisy) training fields as the paper's Darcy normaliser; "scale" is its Navier-Stokes one,
-    # fixed statistics of the clean data set
-    x_norm = fit_normalizer(cfg.normalizer, x_clean if cfg.normalizer == "scale" else x_raw)
-    y_norm = fit_normalizer(cfg.normalizer, y_clean if cfg.normalizer == "scale" else y_raw)
+    x_clean, y_clean = train_ds.x, train_ds.y
+    problem = "navier_stokes" if train_ds.inputs == IO_VARIABLES["navier_stokes"][0] else "darcy"
+    data_grid = "closed" if math.isclose(float(train_ds.coords[0][-1]), 1.0) else "periodic"  # both walls: Darcy
+
+    def observed(draw: int) -> tuple[Tensor, Tensor]:
+        """The raw training fields as observed: noise (draw ``draw``) on the inputs or the targets."""
+        if cfg.noise_level == 0:
+            return x_clean, y_clean
+        noisy = lambda v: add_observation_noise(v, cfg.noise_level, cfg.seed, problem=problem,  # noqa: E731
+                                                scale=cfg.noise_scale, draw=draw)
+        return (noisy(x_clean), y_clean) if cfg.noise_on == "input" else (x_clean, noisy(y_clean))
+
+    # noise on the raw fields, before the normalisers are fitted (as the paper). They are fitted on the (noisy)
+    # training fields as the paper's Darcy normaliser; "scale" is its Navier-Stokes one, fixed statistics of the
+    # clean data set
+    x_raw, y_raw = observed(0)
+    periodic = data_grid == "periodic"
+    x_norm = fit_normalizer(cfg.normalizer, x_clean if cfg.normalizer == "scale" else x_raw, periodic)
+    y_norm = fit_normalizer(cfg.normalizer, y_clean if cfg.normalizer == "scale" else y_raw, periodic)
     x_train = x_norm.encode(x_raw)
+
+    # a checkpoint to resume is read first: under grid="auto" the model keeps the grid it trained with
+    ck = None
+    if ckpt_path.exists() and not overwrite:
+        if resume is False:
+            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start again")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+    elif resume is True:
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path}")
+    grid = data_grid if ck is None else ck["model_config"].get("grid", "periodic")  # the option's default before it
 
     # model, optimiser, schedule
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg.model, **cfg.model_kwargs(x_raw.shape[1], y_raw.shape[1]))
+    net = build_model(cfg.model, **cfg.model_kwargs(x_raw.shape[1], y_raw.shape[1], grid))
     op = Operator(net, x_norm, y_norm).to(device)
     opt = torch.optim.Adam(op.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = cfg.batch_size // world
@@ -488,14 +533,15 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_raw), batch_size=per_rank,
                                          sampler=sampler)
     sched = _make_scheduler(cfg, opt, len(loader))
+    if len(x_train) % world:
+        say(f"warning: {len(x_train)} training samples do not split evenly over {world} processes, so "
+            f"DistributedSampler repeats {world - len(x_train) % world} of them each epoch and the run differs from "
+            "a one-process run (an ntrain divisible by the process count matches it)")
     history: list[dict] = []
     start_epoch = 0
 
     # resume
-    if ckpt_path.exists() and not overwrite:
-        if resume is False:
-            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start again")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ck is not None:
         old = dict(ck["train_config"])
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys added since it was written
         diff = {k for k in _fields() if old.get(k, defaults[k]) != getattr(cfg, k)} - _RESUMABLE_CHANGES
@@ -513,8 +559,6 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         if ck.get("global_rng") is not None:  # the Jacobian regulariser's probes continue their stream
             set_global_rng_state(ck["global_rng"], device)
         say(f"resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}")
-    elif resume is True:
-        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path}")
     if main:
         run.mkdir(parents=True, exist_ok=True)
 
@@ -526,7 +570,6 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     say(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {len(train_ds)} train / {len(test_ds)} test samples "
         f"at {train_ds.x.shape[-1]}x{train_ds.x.shape[-1]}, {world} process(es) on {device}"
         + (f", noise variance up to {cfg.noise_level:g} on {cfg.noise_on}s" if cfg.noise_level > 0 else ""))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     bar = None
     if progress and main:
@@ -549,10 +592,14 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         t_wall = time.perf_counter()
         if device.type == "cuda":  # each epoch's own peak, so the warm-up's and the solves' can be told apart
             torch.cuda.reset_peak_memory_stats(device)
+        if cfg.noise_per_epoch and cfg.noise_level > 0 and epoch > 0:  # a fresh draw, the same on every rank
+            x_new, y_new = observed(epoch)
+            x_train.copy_(x_norm.encode(x_new))
+            y_raw.copy_(y_new)
         model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        total, count, iters, residuals, jacs = 0.0, 0, [], [], []
+        total, count, iters, residuals, jacs, adjoints = 0.0, 0, [], [], [], []
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
@@ -560,6 +607,9 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 out = model(xb)
             per_sample = relative_l2(op.y_normalizer.decode(out.float()), yb)
             loss = per_sample.mean()
+            loss_value = float(loss.detach())
+            if world == 1 and not math.isfinite(loss_value):  # under DDP every rank stops at the epoch's end
+                raise _diverged(loss_value, epoch, ckpt_path)
             # DDP averages gradients over ranks, so a sum is scaled by the ranks to stay the global batch's sum
             objective = loss if cfg.loss_reduction == "mean" else per_sample.sum() * world
             solved = (op.net.last_stats or {}).get("mode") == "deq"  # fno-deq past its unrolled warm-up
@@ -567,12 +617,15 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 jac = op.net.last_result.stats["jac_loss"]
                 objective = objective + cfg.jac_reg * jac
                 jacs.append(float(jac.detach()))
-            scaler.scale(objective).backward()
-            scaler.step(opt)
-            scaler.update()
+            if hasattr(op.net, "last_adjoint"):
+                op.net.last_adjoint = None
+            objective.backward()
+            opt.step()
+            if getattr(op.net, "last_adjoint", None) is not None:  # fno-deq's ift backward solved an adjoint
+                adjoints.append(op.net.last_adjoint)
             if sched is not None and cfg.scheduler == "cosine":
                 sched.step()
-            total += float(loss.detach()) * xb.shape[0]
+            total += loss_value * xb.shape[0]
             count += xb.shape[0]
             if op.net.last_stats is not None:
                 iters.append(op.net.last_stats.get("n_iter", 0.0))
@@ -580,7 +633,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 residuals.append(op.net.last_stats["rel_residual"])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}")
         if sched is not None and cfg.scheduler == "step":
             sched.step()
         if device.type == "cuda":
@@ -591,6 +644,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             t = torch.tensor([total, count], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t)
             train_loss = float(t[0] / t[1])
+        if not math.isfinite(train_loss):  # before the checkpoint: it keeps the last finite epoch
+            raise _diverged(train_loss, epoch, ckpt_path)
         record: dict[str, Any] = {"epoch": epoch + 1, "train_rel_l2": train_loss, "time_s": epoch_time,
                                   "lr": opt.param_groups[0]["lr"]}
         if iters:
@@ -600,6 +655,9 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             record["all_steps_solved"] = len(residuals) == len(loader)  # FNO-DEQ past its warm-up all epoch
         if jacs:
             record["train_jac_loss"] = sum(jacs) / len(jacs)
+        if adjoints:  # the ift backward's adjoint solves: one that stops converging shows here
+            for key in ("n_iter", "rel_residual", "converged"):
+                record[f"train_adjoint_{key}"] = sum(a[key] for a in adjoints) / len(adjoints)
         if device.type == "cuda":  # this epoch's training steps (the summary takes the maximum over the history)
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         if main:
@@ -617,6 +675,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                 "epoch": epoch + 1, "history": history, "data": {"train": str(train_path), "test": str(test_path)},
                 "parameters": n_params, "global_rng": global_rng_state(device),
+                "resolution": int(train_ds.x.shape[-1]),  # the grid it trained on, after subsampling
             }, ckpt_path)
             msg = f"epoch {epoch + 1}/{cfg.epochs}  train rel L2 {train_loss:.4f}  "
             if "test_rel_l2" in record:
@@ -626,6 +685,11 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 msg += f"  train solve rel residual {record['train_solver_rel_residual']:.1e}"
             if jacs:
                 msg += f"  jac {record['train_jac_loss']:.2e}"
+            if adjoints:
+                msg += (f"  adjoint {record['train_adjoint_n_iter']:.1f} it, rel residual "
+                        f"{record['train_adjoint_rel_residual']:.1e}")
+                if record["train_adjoint_converged"] < 1:
+                    msg += f" ({100 * record['train_adjoint_converged']:.0f}% converged)"
             if stats:
                 msg += (f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e} "
                         f"(rel {record['test_solver_rel_residual']:.2e})")
@@ -675,13 +739,15 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     wall = time.perf_counter() - t0
     err = relative_l2(pred, ds.y)
     ck = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    train_res = None
+    train_res = ck.get("resolution")
     train_file = ck.get("data", {}).get("train")
-    if train_file and Path(train_file).is_file():
+    if train_res is None and train_file and Path(train_file).is_file():  # a checkpoint from before "resolution"
         import h5py
 
         with h5py.File(train_file, "r") as f:
-            train_res = int(f.attrs.get("resolution", 0)) or None
+            res = int(f.attrs.get("resolution", 0))
+        k = int(ck.get("train_config", {}).get("subsample", 1))
+        train_res = len(range(0, res, k)) or None  # the [::k] slice the training took
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint), "data": str(data), "model": op.net.config(), "n_samples": len(ds),
         "resolution": int(ds.x.shape[-1]), "train_resolution": train_res,

@@ -279,3 +279,46 @@ def test_pointwise_normalizer_round_trips_and_resamples_its_statistics():
     torch.testing.assert_close(loaded.encode(x), e)
     with pytest.raises(ValueError, match="shape"):
         n.fit(torch.randn(4, 2, 7, 7))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        n.fit(x[:1])
+
+
+def test_pointwise_normalizer_resamples_a_periodic_grid_with_wrap_around():
+    """On the periodic Navier-Stokes grid (points i/16) every other point is the periodic grid i/8: the
+    resampled statistics must be the fine grid's at those points (the end-to-end interpolation of a
+    wall-bounded grid would stretch them over the missing last interval). A normaliser saved before the
+    option loads as an end-to-end one."""
+    from pde.datasets import fit_normalizer, normalizer_like
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 16, 16, generator=g) + torch.sin(2 * torch.pi * torch.arange(16) / 16)
+    n = fit_normalizer("pointwise", x, periodic=True)
+    coarse = x[..., ::2, ::2]
+    expected = (coarse - n.mean[..., ::2, ::2]) / (n.std[..., ::2, ::2] + n.eps)
+    torch.testing.assert_close(n.encode(coarse), expected, atol=1e-5, rtol=1e-5)
+    end_to_end = fit_normalizer("pointwise", x)
+    assert not torch.allclose(end_to_end.encode(coarse), expected, atol=1e-3)
+    loaded = normalizer_like(n.mean)
+    loaded.load_state_dict(n.state_dict())
+    assert bool(loaded.periodic)
+    old = {k: v for k, v in end_to_end.state_dict().items() if k != "periodic"}
+    loaded.load_state_dict(old)
+    assert not bool(loaded.periodic)
+
+
+def test_a_subsample_that_does_not_divide_the_grid_is_refused(tmp_path):
+    """A stride keeps the domain only where it divides the grid's intervals: 8 on the 9-point Darcy grid (both
+    walls), 16 on a 16-point periodic one; and at least 4 points must remain."""
+    from pde.datasets import _check_subsample
+
+    generate_split(RECIPE, "train", tmp_path, progress=False)
+    path = tmp_path / "darcy-unit_train.h5"
+    assert PDEDataset(path, subsample=2).x.shape[-1] == 5
+    with pytest.raises(ValueError, match="does not divide its 9-point grid"):
+        PDEDataset(path, subsample=3)
+    with pytest.raises(ValueError, match="leaves 3 of 9 grid points"):
+        PDEDataset(path, subsample=4)
+    periodic = np.arange(16) / 16
+    _check_subsample("ns.h5", periodic, 4)
+    with pytest.raises(ValueError, match="periodic"):
+        _check_subsample("ns.h5", periodic, 3)

@@ -499,3 +499,112 @@ def test_training_or_evaluating_on_cuda_without_it_fails_clearly(darcy, tmp_path
     s = train(_cfg(darcy, tmp_path / "cpu", epochs=1), progress=False, log=lambda m: None)
     with pytest.raises(ValueError, match="CUDA is not available"):
         evaluate(s["checkpoint"], darcy.parent / "darcy-t_test.h5", device="cuda:0")
+
+
+def test_settings_that_cannot_train_fail_when_the_config_is_made():
+    """fp16 (GradScaler has no kernel for the complex spectral gradients), phantom options outside the
+    method's range (they used to fail only after the warm-up, hours into a paper run) and empty splits."""
+    for bad, match in ((dict(amp="fp16"), "bf16"), (dict(backward_damping=1.5), "backward_damping"),
+                       (dict(backward_steps=0), "backward_steps"), (dict(ntrain=0), "ntrain"),
+                       (dict(ntest=0), "ntest"), (dict(grid="staggered"), "grid")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+    TrainConfig(amp="bf16", backward_damping=1.0, backward_steps=1, ntrain=1)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(darcy, tmp_path, monkeypatch):
+    """The loss turns NaN in epoch 2 (injected through the loss function once epoch 1 is logged): training
+    stops with a FloatingPointError before writing that epoch, and the checkpoint keeps epoch 1's finite weights."""
+    import pde.train as pt
+
+    broken = {"on": False}
+    real = pt.relative_l2
+    monkeypatch.setattr(pt, "relative_l2", lambda p, t: real(p, t) * (float("nan") if broken["on"] else 1.0))
+
+    def log(msg):
+        broken["on"] |= msg.startswith("epoch 1/")
+
+    cfg = _cfg(darcy, tmp_path / "nan", model="fno", depth=1, epochs=3)
+    with pytest.raises(FloatingPointError, match="epoch 2.*keeps epoch 1"):
+        train(cfg, progress=False, log=log)
+    ck = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(torch.view_as_real(v) if v.is_complex() else v).all()
+               for v in ck["model"].values() if v.is_floating_point() or v.is_complex())
+
+
+def test_ift_adjoint_solves_are_recorded_so_a_failing_one_shows(darcy, tmp_path):
+    """With ``backward="ift"`` the adjoint solve's iterations, residual and converged fraction go into every
+    epoch's record (they replaced the warning): capped at 1 iteration with an unreachable tolerance, none
+    converges; with the defaults they do."""
+    from pde.models import load_model
+
+    kw = dict(backward="ift", pretrain_steps=0, epochs=1)
+    starved = train(_cfg(darcy, tmp_path / "a", backward_max_iter=1, backward_tol=1e-12, **kw), progress=False,
+                    log=lambda m: None)["history"][-1]
+    assert starved["train_adjoint_n_iter"] == 1 and starved["train_adjoint_converged"] == 0
+    fed = train(_cfg(darcy, tmp_path / "b", backward_max_iter=50, backward_tol=1e-3, **kw), progress=False,
+                log=lambda m: None)["history"][-1]
+    assert fed["train_adjoint_converged"] == 1 and fed["train_adjoint_rel_residual"] <= 1e-3
+    assert not load_model(tmp_path / "b" / "checkpoint.pt").training  # ready for predict(): evaluation solves
+
+
+def test_evaluate_reports_the_grid_the_model_trained_on(darcy, tmp_path):
+    """Trained on every second point (7x7 of the 13x13 file), evaluated on the full grid: a zero-shot transfer
+    from 7, not from the file's 13."""
+    train(_cfg(darcy, tmp_path / "r", model="fno", depth=1, epochs=1, subsample=2), progress=False,
+          log=lambda m: None)
+    res = evaluate(tmp_path / "r" / "checkpoint.pt", darcy.with_name("darcy-t_test.h5"), device="cpu")
+    assert (res["resolution"], res["train_resolution"]) == (13, 7)
+
+
+def test_grid_coordinates_follow_the_data_and_a_resumed_run_keeps_its_own(darcy, tmp_path):
+    """Darcy's grid holds both walls: trained models take the closed coordinates i/(s-1), so a point keeps its
+    coordinate at another resolution (neuraloperator's periodic i/s moves the far wall with s). A checkpoint
+    from before the option (no "grid" in its model config) resumes with the periodic ones it trained with."""
+    from pde.models import ClosedGridCoordinates, build_model, load_model
+
+    fine, coarse = torch.zeros(1, 1, 13, 13), torch.zeros(1, 1, 7, 7)
+    closed = ClosedGridCoordinates()
+    assert torch.equal(closed(fine)[..., ::2, ::2], closed(coarse))
+    periodic = build_model("fno", width=4, modes=2).net.positional_embedding
+    assert not torch.allclose(periodic(fine)[..., ::2, ::2], periodic(coarse))
+    for model in ("fno", "fno++", "ifno", "fno-deq"):
+        net = build_model(model, width=4, modes=2, grid="closed")
+        emb = net.net.positional_embedding if model == "fno" else net.stem.grid
+        assert isinstance(emb, ClosedGridCoordinates), model
+
+    run = tmp_path / "g"
+    train(_cfg(darcy, run, epochs=2), progress=False, log=lambda m: None, stop_after=1)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["model_config"]["grid"] == "closed"
+    del ck["model_config"]["grid"]  # as written before the option
+    torch.save(ck, run / "checkpoint.pt")
+    train(_cfg(darcy, run, epochs=2), resume=True, progress=False, log=lambda m: None)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["model_config"]["grid"] == "periodic"
+    assert not isinstance(load_model(run / "checkpoint.pt").net.stem.grid, ClosedGridCoordinates)
+
+
+def test_noise_drawn_each_epoch_is_fresh_and_resumes_exactly(darcy, tmp_path, monkeypatch):
+    """``noise_per_epoch`` (the paper's Navier-Stokes loader draws on every access): epoch e trains on draw e,
+    draw 0 is the once-drawn noise, and a run stopped after epoch 1 and resumed ends with the same weights."""
+    import pde.train as pt
+
+    x = torch.zeros(20, 1, 4, 4)
+    once = add_observation_noise(x, 1e-3, seed=0)
+    assert torch.equal(add_observation_noise(x, 1e-3, seed=0, draw=0), once)
+    assert not torch.equal(add_observation_noise(x, 1e-3, seed=0, draw=1), once)
+
+    draws = []
+    real = pt.add_observation_noise
+    monkeypatch.setattr(pt, "add_observation_noise", lambda *a, **k: draws.append(k["draw"]) or real(*a, **k))
+    kw = dict(model="fno", depth=1, epochs=3, noise_level=1e-3, noise_on="target", noise_per_epoch=True)
+    full = train(_cfg(darcy, tmp_path / "a", **kw), progress=False, log=lambda m: None)
+    assert draws == [0, 1, 2]
+    train(_cfg(darcy, tmp_path / "b", **kw), progress=False, log=lambda m: None, stop_after=1)
+    resumed = train(_cfg(darcy, tmp_path / "b", **kw), resume=True, progress=False, log=lambda m: None)
+    for k, v in full["final_state"].items():
+        torch.testing.assert_close(resumed["final_state"][k], v, rtol=0, atol=0, msg=k)
+    once_run = train(_cfg(darcy, tmp_path / "c", **dict(kw, noise_per_epoch=False)), progress=False,
+                     log=lambda m: None)
+    assert once_run["history"][-1]["train_rel_l2"] != full["history"][-1]["train_rel_l2"]
