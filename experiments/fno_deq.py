@@ -241,6 +241,8 @@ def plan(args) -> list[dict]:
                         continue  # IFNO is in no target; the noisy settings compare FNO-DEQ with FNO/FNO++
                     cfg = dict(common, **kw, **noise, seed=seed,
                                out=str(out / "runs" / key / setting / f"{name}-s{seed}"))
+                    if noise and args.noise_per_epoch:  # fresh noise each epoch, as the paper's NS loader
+                        cfg["noise_per_epoch"] = True
                     if not darcy and noise:  # the paper's signal-to-noise ratio on our raw scale (set at run time)
                         cfg["noise_scale"] = "auto"
                     else:
@@ -760,10 +762,14 @@ def _protocol(args, problem: str, n_done: int, n_all: int, warmup_steps: int | N
                 "(paper also depth 1, 2); lr 1e-3 cosine per step; no norm (paper's Darcy runs). "
                 "Data: this package's darcy-85 recipe (1024 train / 500 test), not the .mat files. "
                 "Noise: variances {0, 1e-9, ..., 1e-3}, one chunk of the training set each, on the raw coefficient "
-                "(values 3/12: the paper's protocol, a small perturbation) or the raw solution; clean test data. "
+                "(values 3/12: the paper's protocol, a small perturbation) or the raw solution, "
+                + ("drawn anew each epoch (paper: once); " if args.noise_per_epoch else "drawn once (the paper's); ")
+                + "clean test data. "
                 + common + f"{n_done}/{n_all} runs finished all epochs; the others report epochs_done.")
     noise = (f"Noise: the paper's NS variance levels up to {args.ns_noise}, scaled by var(our raw field) / "
-             "var(paper's raw field) (noise_scale per run) so the signal-to-noise ratio is the paper's. "
+             "var(paper's raw field) (noise_scale per run) so the signal-to-noise ratio is the paper's, "
+             + ("drawn anew each epoch (the paper's). " if args.noise_per_epoch else
+                "drawn once per run (paper: anew each epoch). ")
              if args.ns_noise else "Clean training data only (no noise settings). ")
     return (f"REDUCED protocol: {args.ns_epochs} epochs (paper: 500), seeds {args.ns_seeds} (paper: 3), "
             f"{args.ns_train} train / {args.ns_test} test samples (paper: 4500 / 500) at "
@@ -893,6 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ifno-noisy", action="store_true",
                    help="train IFNO on the noisy settings too (default: clean only)")
     p.add_argument("--ns-noise", default="0.004", help="NS maximum noise variances (paper: 0.001,0.004)")
+    p.add_argument("--noise-per-epoch", action="store_true",
+                   help="draw the noise anew each epoch, as the paper's NS loader (default: once per run, as its "
+                        "Darcy loader and every run in experiments/results)")
     p.add_argument("--ns-settings", default="",
                    help="comma-separated subset of the NS settings --ns-noise gives (clean, input-noise-0.004, ...)")
     p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",

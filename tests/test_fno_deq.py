@@ -375,7 +375,7 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
     (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: normaliser and spectral bias); ``--ns-settings``
-    picks NS cells as ``--darcy-settings`` picks Darcy ones."""
+    picks NS cells as ``--darcy-settings`` picks Darcy ones; ``--noise-per-epoch`` reaches the noisy cells only."""
 
     mod = load_experiment("fno_deq")
     base = ["--small", "--problems", "darcy", "--device", "cpu", "--out", str(tmp_path)]
@@ -413,6 +413,9 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     assert len(one) == sum(j["setting"] == "target-noise-0.004" for j in ns_all) < len(ns_all)
     with pytest.raises(SystemExit, match="input-noise-0.001"):
         mod.plan(mod.build_parser().parse_args(ns + ["--ns-settings", "input-noise-0.001"]))
+    fresh = [j for j in mod.plan(mod.build_parser().parse_args(ns + ["--noise-per-epoch"])) if j["kind"] == "train"]
+    assert {j["setting"] for j in fresh if j["config"].get("noise_per_epoch")} == {j["setting"] for j in fresh} - {"clean"}
+    assert not any("noise_per_epoch" in j["config"] for j in ns_all)
 
 
 def test_fno_deq_experiment_small_gives_defaults_that_given_flags_override(tmp_path):
