@@ -188,7 +188,11 @@ def plan(args) -> list[dict]:
     current = load_config(None, ROOT / "experiments" / "configs" / "darcy-fno-deq.toml")
     out = Path(args.out)
     problems = args.problems.split(",")
-    recs = {k: v for k, v in recipes(args).items() if k.split("-")[0] in problems or k in problems}
+    every = recipes(args)
+    unknown = set(problems) - {"darcy", "ns", *every}
+    if unknown:
+        raise SystemExit(f"--problems: unknown {sorted(unknown)}; choose from darcy, ns or one of {sorted(every)}")
+    recs = {k: v for k, v in every.items() if k.split("-")[0] in problems or k in problems}
     jobs: list[dict] = []
     for key, r in recs.items():
         jobs.append({"id": f"data-{key}", "kind": "data", "recipe": r, "dir": str(out / "data"), "needs": [],

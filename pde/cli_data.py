@@ -15,6 +15,13 @@ from typing import Sequence
 __all__ = ["add_parser", "main"]
 
 
+def _wrap(fn):
+    """Errors about the user's input (a recipe, a split, a file) print as one line, not a traceback."""
+    from .cli_train import _wrap as wrap
+
+    return wrap(fn)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from implicit.distributed import resolve_device
 
@@ -51,12 +58,12 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     g.add_argument("--device", default="auto", help='"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...')
     g.add_argument("--split", action="append", help="only this split (repeatable); default: all splits")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=_wrap(_generate))
     s = sub.add_parser("show", help="write a PNG of a few samples of a data file")
     s.add_argument("file", help="an .h5 file written by `data generate`")
     s.add_argument("--out", help="PNG path (default: FILE with .png)")
     s.add_argument("-n", type=int, default=4, help="number of samples to plot (default 4)")
-    s.set_defaults(func=_show)
+    s.set_defaults(func=_wrap(_show))
     return p
 
 
@@ -67,11 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subs.required = True
     add_parser(subs)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.func(args)  # wrapped: bad input exits 2 with a one-line error
 
 
 if __name__ == "__main__":

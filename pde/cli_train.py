@@ -88,6 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides["plot"] = False
     cfg = load_config(None if args.config and args.problem is None else (args.problem or "darcy"),
                       args.config, **overrides)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run folder's checkpoint and --overwrite starts it again: pass one")
     resume = True if args.resume else None
     summary = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
     if summary["history"] and summary.get("world_size", 1) >= 1 and "test_rel_l2" in summary["history"][-1]:
@@ -125,7 +127,7 @@ def _wrap(fn):
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
     return run

@@ -353,7 +353,10 @@ def open_file(path: str | os.PathLike, generator: str | None = None,
                 if path.with_name(path.name + ".tmp").exists() else
                 " (`implicit data generate RECIPE` writes one, RECIPE a data/*.toml name such as darcy-85)")
         raise FileNotFoundError(f"no data file {path}{hint}")
-    f = h5py.File(path, "r")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:  # h5py's message does not name the file
+        raise ValueError(f"{path} is not an HDF5 data file ({err})") from None
     try:
         gen = f.attrs.get("generator")
         if gen not in GENERATORS:
@@ -538,6 +541,12 @@ class PDEDataset(torch.utils.data.Dataset):
             self.y = torch.stack([torch.as_tensor(f[v][sl]) for v in targets], dim=1).to(dtype)
             self.coords = (torch.as_tensor(f["x"][::subsample]), torch.as_tensor(f["y"][::subsample]))
         self.inputs, self.targets = tuple(inputs), tuple(targets)
+        for names, values in ((self.inputs, self.x), (self.targets, self.y)):
+            bad = ~torch.isfinite(values).flatten(2).all(dim=2)  # (sample, variable)
+            if bad.any():
+                i, v = (int(k) for k in bad.nonzero()[0])
+                raise ValueError(f"{path}: {names[v]} of sample {i} is not finite (NaN or inf), "
+                                 f"{int(bad.any(dim=1).sum())} sample(s) in all; regenerate or repair the file")
         self.recipe = json.loads(self.attrs["recipe"])
         if normalizers == "fit":
             self.x_normalizer = ChannelNormalizer(len(inputs)).fit(self.x)

@@ -533,8 +533,16 @@ def load_model(checkpoint: str | dict, map_location: str | torch.device = "cpu")
     """Rebuild an :class:`Operator` from a checkpoint written by :mod:`pde.train` (no config needed)."""
     from .datasets import normalizer_like
 
-    ckpt = torch.load(checkpoint, map_location=map_location, weights_only=True) if not isinstance(checkpoint, dict) \
-        else checkpoint
+    if isinstance(checkpoint, dict):
+        ckpt = checkpoint
+    else:
+        try:
+            ckpt = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # an HDF5 data file given in its place, a truncated file, ...
+            raise ValueError(f"{checkpoint} is not a checkpoint torch.load can read ({type(err).__name__}); "
+                             "`implicit evaluate` takes CHECKPOINT then DATA") from None
     for key in ("model_config", "model"):
         if key not in ckpt:
             raise ValueError(f"{checkpoint!r} is not a pde.train checkpoint (no {key!r} entry)")

@@ -728,6 +728,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     ``max_iter`` overrides FNO-DEQ's evaluation iteration limit, or IFNO's number of iterations (test-time
     depth). For IFNO, ``solver`` reports the last unrolled step's size, the block's residual there.
     """
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
     op = load_model(str(checkpoint), map_location=dev).to(dev)
     ds = load_split(Path(data), limit=limit, subsample=subsample)

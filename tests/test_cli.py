@@ -59,3 +59,13 @@ def test_diffusion_and_get_commands_refuse_cuda_on_a_machine_without_it(tmp_path
         _refuses_cuda(lambda: main([*argv, "--device", "cuda"]), out)
     _refuses_cuda(lambda: train(TrainConfig(pairs=str(tmp_path / "no-pairs.h5"), out=str(out), device="cuda"),
                                 progress=False), out)
+
+
+def test_train_refuses_resume_with_overwrite(tmp_path, capsys):
+    """``--resume`` and ``--overwrite`` contradict each other: one error line naming both, before anything runs
+    (it used to say there was no checkpoint, beside one)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "darcy", "--resume", "--overwrite", "--out", str(tmp_path / "run"), "--quiet"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and not (tmp_path / "run").exists()

@@ -213,6 +213,11 @@ def test_cli_generate_and_show(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pde.cli_data", "data", "generate", str(tmp_path / "nope.toml")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+    # the same through `implicit data`: one line, exit code 2, the file named (h5py's message names none)
+    args = parser.parse_args(["data", "show", str(recipe)])
+    with pytest.raises(SystemExit) as stop:
+        args.func(args)
+    assert stop.value.code == 2
 
 
 def test_rejected_draws_are_counted_and_skipped(tmp_path, monkeypatch):

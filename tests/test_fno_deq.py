@@ -387,6 +387,8 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     assert len(trains) == sum(j["model"] in ("fno-deq", "fno++-d4") for j in everything)
     with pytest.raises(SystemExit, match="fno-dq"):
         mod.plan(mod.build_parser().parse_args(base + ["--models", "fno-dq"]))
+    with pytest.raises(SystemExit, match="cfd"):  # it used to plan nothing and report success
+        mod.plan(mod.build_parser().parse_args(base + ["--problems", "cfd"]))
     graphed = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--solver-graph"])) if j["kind"] == "train"]
     assert {j["model"] for j in graphed if j["config"].get("solver_graph")} == {"fno-deq"}
     regularised = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--jac-reg", "2"])) if j["kind"] == "train"]

@@ -297,6 +297,24 @@ def test_wrong_variables_or_shapes_fail_clearly(darcy, tmp_path):
     missing = tmp_path / "missing_train.h5"  # named by the package, not by h5py's errno text
     with pytest.raises(FileNotFoundError, match=f"no data file {missing}"):
         train(_cfg(missing, tmp_path / "r3", test_data=str(darcy)), progress=False, log=lambda m: None)
+    nan = tmp_path / "nan_train.h5"  # one NaN in the targets: refused when the file loads, sample named
+    with h5py.File(darcy, "r") as src, h5py.File(nan, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in ("x", "y", "sample", "coefficient", "solution"):
+            dst.create_dataset(name, data=src[name][()])
+        dst["solution"][3, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="solution of sample 3 is not finite"):
+        train(_cfg(nan, tmp_path / "r4", test_data=str(darcy)), progress=False, log=lambda m: None)
+    toml = tmp_path / "recipe_train.h5"
+    toml.write_text("name = 'x'\n")
+    with pytest.raises(ValueError, match=f"{toml} is not an HDF5 data file"):
+        train(_cfg(toml, tmp_path / "r5", test_data=str(darcy)), progress=False, log=lambda m: None)
+    train(_cfg(darcy, tmp_path / "ok", model="fno", depth=1, epochs=1), progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="CHECKPOINT then DATA"):  # the two arguments swapped
+        evaluate(darcy, tmp_path / "ok" / "checkpoint.pt", device="cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(tmp_path / "ok" / "checkpoint.pt", darcy, device="cpu", batch_size=0)
 
 
 def test_noise_protocol_and_config():
