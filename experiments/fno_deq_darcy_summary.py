@@ -125,9 +125,9 @@ def plot(table: dict, summary: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="folder of the results files")
-    p.add_argument("--epochs", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=64, help="the runs' length, in their files' names (default 64)")
     p.add_argument("--out", help="folder for the summary and PNG (default: --results)")
     args = p.parse_args(argv)
     from implicit.results import write_results

@@ -214,7 +214,7 @@ def plot(summary: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="folder of the results files")
     p.add_argument("--files", default=",".join(FILES), help="comma-separated results files in --results")
     p.add_argument("--out", help="folder for the summary and PNG (default: --results)")

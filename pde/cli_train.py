@@ -119,7 +119,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     write_json(out, res)
     print(f"per-sample results: {out}")
     if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "rel_l2"}, indent=1, default=str))
+        summary = {k: v for k, v in res.items() if k != "rel_l2"}
+        if "solver" in summary:
+            summary["solver"] = {k: v for k, v in summary["solver"].items() if k not in ("n_iter", "residual")}
+        print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
@@ -144,7 +147,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--config", help="TOML config (keys of pde.train.TrainConfig, top level or under [train])")
     for flag, (field, typ, help_) in _FLAGS.items():
         t.add_argument(flag, dest=field, type=typ, default=None, help=help_)
-    t.add_argument("--resume", action="store_true", help="continue the checkpoint in the run folder (required)")
+    t.add_argument("--resume", action="store_true", help="require a checkpoint in the run folder to continue (without the flag a run folder "
+                                "with one continues it too; --overwrite starts again)")
     t.add_argument("--overwrite", action="store_true", help="start again even if the run folder has a checkpoint")
     t.add_argument("--no-plot", action="store_true", help="no prediction PNG")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -165,7 +169,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     e.add_argument("--device", default="auto")
     e.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     e.add_argument("--out", help="JSON with per-sample results (default: beside the checkpoint)")
-    e.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    e.add_argument("--json", action="store_true", help="also print the summary as JSON (per-sample lists only in the file)")
     e.set_defaults(func=_wrap(_evaluate))
 
 
