@@ -12,14 +12,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cli_train import _wrap  # errors about the user's input (recipe, split, file) print as one line
+
 __all__ = ["add_parser", "main"]
-
-
-def _wrap(fn):
-    """Errors about the user's input (a recipe, a split, a file) print as one line, not a traceback."""
-    from .cli_train import _wrap as wrap
-
-    return wrap(fn)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -88,8 +88,6 @@ def _train(args: argparse.Namespace) -> int:
         overrides["plot"] = False
     cfg = load_config(None if args.config and args.problem is None else (args.problem or "darcy"),
                       args.config, **overrides)
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run folder's checkpoint and --overwrite starts it again: pass one")
     resume = True if args.resume else None
     summary = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
     if summary["history"] and summary.get("world_size", 1) >= 1 and "test_rel_l2" in summary["history"][-1]:
@@ -147,8 +145,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--config", help="TOML config (keys of pde.train.TrainConfig, top level or under [train])")
     for flag, (field, typ, help_) in _FLAGS.items():
         t.add_argument(flag, dest=field, type=typ, default=None, help=help_)
-    t.add_argument("--resume", action="store_true", help="require a checkpoint in the run folder to continue (without the flag a run folder "
-                                "with one continues it too; --overwrite starts again)")
+    t.add_argument("--resume", action="store_true",
+                   help="require a checkpoint in the run folder to continue (without the flag a run folder with one "
+                        "continues it too; --overwrite starts again)")
     t.add_argument("--overwrite", action="store_true", help="start again even if the run folder has a checkpoint")
     t.add_argument("--no-plot", action="store_true", help="no prediction PNG")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

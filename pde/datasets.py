@@ -491,11 +491,17 @@ def normalizer_like(mean: Tensor) -> ChannelNormalizer | PointwiseNormalizer:
     return ChannelNormalizer(mean.numel()) if mean.dim() == 1 else PointwiseNormalizer(mean.shape[0], mean.shape[1:])
 
 
+def grid_kind(coords: np.ndarray) -> str:
+    """``"closed"`` for a grid whose points include both walls (ends at 1: Darcy), else ``"periodic"`` (points
+    ``i / s``: Navier-Stokes)."""
+    return "closed" if bool(np.isclose(coords[-1], 1.0)) else "periodic"
+
+
 def _check_subsample(path: str | os.PathLike, coords: np.ndarray, k: int) -> None:
     """A stride ``k`` keeps the domain only where it divides the grid: ``s - 1`` intervals on a grid with both
     walls (Darcy, ends at 1), ``s`` on a periodic one (Navier-Stokes, ``i / s``)."""
     s = len(coords)
-    closed = bool(np.isclose(coords[-1], 1.0))
+    closed = grid_kind(coords) == "closed"
     if k > 1 and (s - 1 if closed else s) % k:
         kind = "both walls" if closed else "periodic"
         raise ValueError(f"{path}: subsample {k} does not divide its {s}-point grid ({kind}: {s - 1 if closed else s} "
@@ -517,6 +523,8 @@ class PDEDataset(torch.utils.data.Dataset):
             this file, typically the training split) or a pair ``(x_normalizer, y_normalizer)``
             fitted elsewhere (the test split uses the training split's).
         generator: expected generator name; a file from another one is refused.
+
+    ``grid`` is the file's grid kind (:func:`grid_kind`): ``"closed"`` (both walls) or ``"periodic"``.
     """
 
     def __init__(self, path: str | os.PathLike, *, inputs: Sequence[str] | None = None,
@@ -535,7 +543,9 @@ class PDEDataset(torch.utils.data.Dataset):
         with open_file(path, generator, tuple(inputs or ()) + tuple(targets or ())) as f:
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
             n = f["sample"].shape[0] if limit is None else min(limit, f["sample"].shape[0])
-            _check_subsample(path, np.asarray(f["x"]), subsample)
+            coords = np.asarray(f["x"])
+            _check_subsample(path, coords, subsample)
+            self.grid = grid_kind(coords)
             sl = (slice(0, n), slice(None, None, subsample), slice(None, None, subsample))
             self.x = torch.stack([torch.as_tensor(f[v][sl]) for v in inputs], dim=1).to(dtype)
             self.y = torch.stack([torch.as_tensor(f[v][sl]) for v in targets], dim=1).to(dtype)

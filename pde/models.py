@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from typing import Any
 
@@ -70,7 +71,7 @@ from implicit.solvers import NonConvergenceWarning, unroll
 
 __all__ = [
     "MODELS", "NeuralOperator", "FNO", "FNOPlusPlus", "IFNO", "FNODEQ", "Operator",
-    "build_model", "available_models", "count_parameters", "cast_model", "load_model",
+    "build_model", "available_models", "count_parameters", "cast_model", "load_model", "read_checkpoint",
 ]
 
 MODELS: dict[str, type["NeuralOperator"]] = {}
@@ -529,23 +530,32 @@ class Operator(nn.Module):
         return self.y_normalizer.decode(self.net(self.x_normalizer.encode(x_raw)))
 
 
-def load_model(checkpoint: str | dict, map_location: str | torch.device = "cpu") -> Operator:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The dict of a checkpoint written by :mod:`pde.train` (``torch.load(weights_only=True)``); a file that is
+    not one fails with its name."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # an HDF5 data file given in its place, a truncated file, ...
+        raise ValueError(f"{path} is not a checkpoint torch.load can read ({type(err).__name__}); "
+                         "`implicit evaluate` takes CHECKPOINT then DATA") from None
+    return _with_model_entries(ckpt, repr(str(path)))
+
+
+def _with_model_entries(ckpt: dict, name: str) -> dict:
+    for key in ("model_config", "model"):
+        if key not in ckpt:
+            raise ValueError(f"{name} is not a pde.train checkpoint (no {key!r} entry)")
+    return ckpt
+
+
+def load_model(checkpoint: str | os.PathLike | dict, map_location: str | torch.device = "cpu") -> Operator:
     """Rebuild an :class:`Operator` from a checkpoint written by :mod:`pde.train` (no config needed)."""
     from .datasets import normalizer_like
 
-    if isinstance(checkpoint, dict):
-        ckpt = checkpoint
-    else:
-        try:
-            ckpt = torch.load(checkpoint, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # an HDF5 data file given in its place, a truncated file, ...
-            raise ValueError(f"{checkpoint} is not a checkpoint torch.load can read ({type(err).__name__}); "
-                             "`implicit evaluate` takes CHECKPOINT then DATA") from None
-    for key in ("model_config", "model"):
-        if key not in ckpt:
-            raise ValueError(f"{checkpoint!r} is not a pde.train checkpoint (no {key!r} entry)")
+    ckpt = (_with_model_entries(checkpoint, "the dict") if isinstance(checkpoint, dict)
+            else read_checkpoint(checkpoint, map_location))
     cfg = dict(ckpt["model_config"])
     net = build_model(cfg.pop("model"), **cfg)
     state = ckpt["model"]

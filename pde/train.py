@@ -32,7 +32,7 @@ from implicit.distributed import resolve_device, setup_device
 from implicit.results import global_rng_state, save_torch_atomic, set_global_rng_state
 
 from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
-from .models import GRIDS, Operator, build_model, count_parameters, load_model
+from .models import GRIDS, Operator, build_model, count_parameters, load_model, read_checkpoint
 
 __all__ = [
     "TrainConfig", "PRESETS", "QUICK_DARCY_RECIPE", "load_config", "relative_l2", "add_observation_noise",
@@ -472,6 +472,9 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     included), so the checkpoint holds whole epochs and a later call resumes. The summary's
     ``stopped_early`` says whether it stopped before ``epochs``.
     """
+    if resume is True and overwrite:
+        raise ValueError("resume continues the run folder's checkpoint and overwrite starts it again (--resume, "
+                         "--overwrite): pass one")
     device, rank, world = setup_device(cfg.device)
     main = rank == 0
     say = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if main else (lambda s: None)
@@ -493,7 +496,6 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         raise ValueError(f"{train_path} and {test_path} hold different variables")
     x_clean, y_clean = train_ds.x, train_ds.y
     problem = "navier_stokes" if train_ds.inputs == IO_VARIABLES["navier_stokes"][0] else "darcy"
-    data_grid = "closed" if math.isclose(float(train_ds.coords[0][-1]), 1.0) else "periodic"  # both walls: Darcy
 
     def observed(draw: int) -> tuple[Tensor, Tensor]:
         """The raw training fields as observed: noise (draw ``draw``) on the inputs or the targets."""
@@ -507,7 +509,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     # training fields as the paper's Darcy normaliser; "scale" is its Navier-Stokes one, fixed statistics of the
     # clean data set
     x_raw, y_raw = observed(0)
-    periodic = data_grid == "periodic"
+    periodic = train_ds.grid == "periodic"
     x_norm = fit_normalizer(cfg.normalizer, x_clean if cfg.normalizer == "scale" else x_raw, periodic)
     y_norm = fit_normalizer(cfg.normalizer, y_clean if cfg.normalizer == "scale" else y_raw, periodic)
     x_train = x_norm.encode(x_raw)
@@ -520,7 +522,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
     elif resume is True:
         raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path}")
-    grid = data_grid if ck is None else ck["model_config"].get("grid", "periodic")  # the option's default before it
+    grid = train_ds.grid if ck is None else ck["model_config"].get("grid", "periodic")  # the option's default before it
 
     # model, optimiser, schedule
     torch.manual_seed(cfg.seed)
@@ -594,8 +596,10 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             torch.cuda.reset_peak_memory_stats(device)
         if cfg.noise_per_epoch and cfg.noise_level > 0 and epoch > 0:  # a fresh draw, the same on every rank
             x_new, y_new = observed(epoch)
-            x_train.copy_(x_norm.encode(x_new))
-            y_raw.copy_(y_new)
+            if cfg.noise_on == "input":
+                x_train.copy_(x_norm.encode(x_new))
+            else:
+                y_raw.copy_(y_new)
         model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -617,12 +621,11 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 jac = op.net.last_result.stats["jac_loss"]
                 objective = objective + cfg.jac_reg * jac
                 jacs.append(float(jac.detach()))
-            if hasattr(op.net, "last_adjoint"):
-                op.net.last_adjoint = None
             objective.backward()
             opt.step()
             if getattr(op.net, "last_adjoint", None) is not None:  # fno-deq's ift backward solved an adjoint
                 adjoints.append(op.net.last_adjoint)
+                op.net.last_adjoint = None
             if sched is not None and cfg.scheduler == "cosine":
                 sched.step()
             total += loss_value * xb.shape[0]
@@ -731,7 +734,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
-    op = load_model(str(checkpoint), map_location=dev).to(dev)
+    ck = read_checkpoint(checkpoint)
+    op = load_model(ck).to(dev)
     ds = load_split(Path(data), limit=limit, subsample=subsample)
     if ds.x.shape[1] != op.net.in_channels or ds.y.shape[1] != op.net.out_channels:
         raise ValueError(f"{data}: {ds.x.shape[1]} input / {ds.y.shape[1]} output channels, but the model maps "
@@ -740,7 +744,6 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, *, subsampl
     pred, stats = _predict(op, ds.x, dev, batch_size, amp, max_iter)
     wall = time.perf_counter() - t0
     err = relative_l2(pred, ds.y)
-    ck = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     train_res = ck.get("resolution")
     train_file = ck.get("data", {}).get("train")
     if train_res is None and train_file and Path(train_file).is_file():  # a checkpoint from before "resolution"
