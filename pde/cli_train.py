@@ -81,7 +81,7 @@ _FLAGS = {
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import load_config, train
+    from .train import _run_dir, load_config, train
 
     overrides = {field: getattr(args, field) for field, _, _ in _FLAGS.values()}
     if args.no_plot:
@@ -89,12 +89,30 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(None if args.config and args.problem is None else (args.problem or "darcy"),
                       args.config, **overrides)
     resume = True if args.resume else None
-    summary = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        summary = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
+    except KeyboardInterrupt:  # checkpoints are written whole at each epoch's end: say what is kept
+        ckpt = _run_dir(cfg) / "checkpoint.pt"
+        kept = (f"{ckpt} holds the last finished epoch; the same command resumes from it" if ckpt.exists()
+                else "no epoch had finished, so there is no checkpoint to resume from")
+        print(f"interrupted: {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     if summary["history"] and summary.get("world_size", 1) >= 1 and "test_rel_l2" in summary["history"][-1]:
         last = summary["history"][-1]
         print(f"{cfg.model}: test relative L2 {last['test_rel_l2']:.4f} after {last['epoch']} epochs "
               f"({summary['parameters'] / 1e6:.2f}M parameters); checkpoint {summary['checkpoint']}")
     return 0
+
+
+def _default_eval_path(args: argparse.Namespace) -> Path:
+    """``eval_<data>[_sub<k>][_iter<n>][_first<N>].json`` beside the checkpoint: the name carries every option that
+    changes the numbers, so evaluating one file two ways (e.g. more solver iterations) keeps both results."""
+    parts = [f"eval_{Path(args.data).stem}"]
+    parts += [f"sub{args.subsample}"] if args.subsample != 1 else []
+    parts += [f"iter{args.max_iter}"] if args.max_iter is not None else []
+    parts += [f"first{args.limit}"] if args.limit is not None else []
+    parts += [args.amp] if args.amp != "none" else []
+    return Path(args.checkpoint).with_name("_".join(parts) + ".json")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -113,7 +131,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         line += (f"; solver {s['n_iter_mean']:.1f} iterations, residual {s['residual_mean']:.2e}, "
                  f"{100 * s['converged_fraction']:.0f}% converged")
     print(line)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{Path(args.data).stem}.json")
+    out = Path(args.out) if args.out else _default_eval_path(args)
     write_json(out, res)
     print(f"per-sample results: {out}")
     if args.json:

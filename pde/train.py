@@ -258,9 +258,10 @@ def default_data_dir() -> Path:
 
 
 def resolve_data(data: str, test_data: str | None = None, *, generate: bool = True,
-                 log: Callable[[str], None] = print) -> tuple[Path, Path]:
+                 log: Callable[[str], None] = print, progress: bool = False) -> tuple[Path, Path]:
     """Training and test files of ``data`` (a ``*_train.h5`` path, or a recipe name whose files are
-    generated into ``data/`` when missing)."""
+    generated into ``data/`` when missing, with a progress bar if ``progress``: a paper-size recipe takes
+    minutes on a GPU and can take most of an hour on a CPU)."""
     p = Path(data)
     if p.suffix == ".h5":
         train = p
@@ -278,8 +279,9 @@ def resolve_data(data: str, test_data: str | None = None, *, generate: bool = Tr
             if not generate:
                 raise FileNotFoundError(f"no data file {path}; run `implicit data generate {data}`")
             device = resolve_device("auto")  # the PCG solve is ~100x faster on a GPU
-            log(f"generating {path} from recipe {r['name']} on {device} ...")
-            generate_split(r, split, out, progress=False, device=device)
+            log(f"generating {path}: {r['splits'][split]} samples of recipe {r['name']} on {device}, once "
+                f"(`implicit data generate {r['name']}` makes them ahead)")
+            generate_split(r, split, out, progress=progress, device=device)
         paths[split] = path
     return paths["train"], Path(test_data) if test_data else paths["test"]
 
@@ -485,7 +487,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
 
     # data (rank 0 generates missing files first)
     if main:
-        train_path, test_path = resolve_data(cfg.data, cfg.test_data, log=say)
+        train_path, test_path = resolve_data(cfg.data, cfg.test_data, log=say, progress=progress)
     if world > 1:
         torch.distributed.barrier()
     if not main:

@@ -69,3 +69,35 @@ def test_train_refuses_resume_with_overwrite(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "--overwrite" in err and not (tmp_path / "run").exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("finished_epoch", [False, True])
+def test_interrupted_training_says_what_it_keeps(tmp_path, capsys, monkeypatch, finished_epoch):
+    """Ctrl-C in ``implicit train`` ends with code 130 and one line: the checkpoint the same command resumes
+    from, or that there is none yet (it was a traceback)."""
+    import pde.train
+
+    monkeypatch.setattr(pde.train, "train", _interrupt)
+    run = tmp_path / "run"
+    if finished_epoch:
+        run.mkdir()
+        (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "darcy", "--out", str(run), "--quiet"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("interrupted")
+    assert (str(run / "checkpoint.pt") in err and "resumes" in err) if finished_epoch else "no checkpoint" in err
+
+
+def test_interrupted_command_exits_130_without_a_traceback(capsys, monkeypatch):
+    import implicit.demo
+
+    monkeypatch.setattr(implicit.demo, "run", _interrupt)
+    with pytest.raises(SystemExit) as stop:
+        main(["demo"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"

@@ -583,6 +583,12 @@ def test_evaluate_reports_the_grid_the_model_trained_on(darcy, tmp_path, capsys)
     printed = json.loads(out[out.index("{"):])
     assert printed["train_resolution"] == 7 and "rel_l2" not in printed
     assert "n_iter_mean" in printed["solver"] and "n_iter" not in printed["solver"]
+    # the same file evaluated another way keeps its own results file beside the first
+    main(["evaluate", str(tmp_path / "r" / "checkpoint.pt"), str(darcy.with_name("darcy-t_test.h5")),
+          "--device", "cpu", "--max-iter", "3", "--subsample", "2"])
+    full = json.loads((tmp_path / "r" / "eval_darcy-t_test.json").read_text())
+    short = json.loads((tmp_path / "r" / "eval_darcy-t_test_sub2_iter3.json").read_text())
+    assert (full["resolution"], short["resolution"]) == (13, 7)
 
 
 def test_grid_coordinates_follow_the_data_and_a_resumed_run_keeps_its_own(darcy, tmp_path):
@@ -635,3 +641,16 @@ def test_noise_drawn_each_epoch_is_fresh_and_resumes_exactly(darcy, tmp_path, mo
     once_run = train(_cfg(darcy, tmp_path / "c", **dict(kw, noise_per_epoch=False)), progress=False,
                      log=lambda m: None)
     assert once_run["history"][-1]["train_rel_l2"] != full["history"][-1]["train_rel_l2"]
+
+
+def test_missing_data_is_generated_with_a_progress_bar_and_a_line_that_says_how_much(tmp_path, monkeypatch):
+    """A recipe's files missing at training time are generated first, which for a paper-size recipe takes most
+    of an hour on a CPU: the log says how many samples, and the generation shows training's progress bar."""
+    import pde.train as pt
+
+    calls, lines = [], []
+    monkeypatch.setattr(pt, "default_data_dir", lambda: tmp_path)
+    monkeypatch.setattr(pt, "generate_split", lambda r, split, out, **kw: calls.append((split, kw["progress"])))
+    pt.resolve_data("darcy-quick", log=lines.append, progress=True)
+    assert calls == [("train", True), ("test", True)]
+    assert "256 samples" in lines[0] and "64 samples" in lines[1] and "implicit data generate" in lines[0]
