@@ -4,7 +4,7 @@ One command trains every (problem, noise setting, model, seed) as its own proces
 (``--jobs`` at once: the models are small and one process leaves the GPU idle between kernel
 launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and ``fno_deq_ns.json``
 (+ PNGs) into ``--out`` through :func:`implicit.results.write_results`. On a host with several GPUs
-(``--device cuda``, or ``auto`` there) each process goes to the GPU running the fewest of them.
+(``--device cuda``, or ``auto`` there) each process goes to the GPU with the least expected load.
 
 - Data: darcy-85 (1024 train / 500 test, solved at 421 and stored at 85x85) and the ns-nu0.01 /
   ns-nu0.001 recipes (128x128) with ``--ns-train`` / ``--ns-test`` samples (the paper: 4500 / 500;
@@ -73,8 +73,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
         --ns-settings input-noise-0.004 --ns-train 4500 --ns-test 500 --ns-subsample 1 --jac-reg 3 --jobs 9 \\
         --ns-epochs 8 --models fno-d4,fno++-d4
     python experiments/fno_deq.py --out B ... --models fno-deq,fno-d4,fno++-d4 --reuse A/fno_deq_ns.json
-    # or the whole cell in one command on a two-GPU host (nvidia-h200-x2): its nine processes alternate over the
-    # GPUs in plan order, so one GPU gets two of the three FNO-DEQs (not yet run on a GPU)
+    # or the whole cell in one command on a two-GPU host (nvidia-h200-x2): heaviest first, each process on the
+    # GPU with the least expected load, so two FNO-DEQs share one GPU and the third the six baselines' (not yet
+    # run on a GPU)
     python experiments/fno_deq.py --out OUT ... --ns-epochs 8 --models fno-deq,fno-d4,fno++-d4
     # three more seeds (3,4,5) of one NS cell: --ns-settings picks it (the clean cell is always planned otherwise)
     python experiments/fno_deq.py --out OUT --problems ns --ns-seeds 3,4,5 --ns-noise 0.001 --ns-epochs 48 \\
@@ -496,15 +497,36 @@ def visible_gpus(device: str) -> list[str]:
     return gpus if len(gpus) > 1 else []
 
 
-def least_busy(gpus: list[str], busy: list[str]) -> str:
-    """The GPU running the fewest of this command's processes (``busy``: one entry per running process), the
-    first such in order: processes started together alternate over the GPUs."""
-    return min(gpus, key=busy.count)  # min keeps the first of equals
+# a training's load on a GPU relative to a baseline FNO's. Paper-size NS on one H200: three FNO-DEQs alone took
+# 171 s an epoch, six baselines alone 37-41 s, so about 57 s against 6.5 s a run (..._target_noise_0.001_nu0.001
+# log); IFNO's epochs took 0.8x FNO-DEQ's beside it at 64x64 (fno_deq_ns.json). Data and memory jobs count as one.
+GPU_COST = {"fno-deq": 9.0, "ifno": 7.0}
+
+
+def job_cost(job: dict) -> float:
+    """``job``'s expected load on its GPU, in baseline trainings (:data:`GPU_COST`)."""
+    return GPU_COST.get((job.get("config") or {}).get("model"), 1.0) if job["kind"] == "train" else 1.0
+
+
+def launch_order(pending: list[dict]) -> list[dict]:
+    """The jobs to start, heaviest first (plan order among equals): with :func:`least_loaded` this spreads a
+    paper-size NS cell over two GPUs as two FNO-DEQs on one and the third with the six baselines on the other,
+    where plan order (which interleaves the models) would put a baseline beside the two."""
+    return sorted(pending, key=job_cost, reverse=True)
+
+
+def least_loaded(gpus: list[str], busy: list[tuple[str, float]]) -> str:
+    """The GPU whose running processes of this command cost least (``busy``: ``(gpu, cost)`` per running
+    process, costs from :func:`job_cost`), the first such in order."""
+    load = dict.fromkeys(gpus, 0.0)
+    for gpu, cost in busy:
+        load[gpu] += cost
+    return min(gpus, key=load.__getitem__)  # min keeps the first of equals
 
 
 def run_jobs(jobs: list[dict], args, deadline: float) -> None:
     """Run ``jobs`` as subprocesses, ``args.jobs`` at once, each once its ``needs`` are done; on a host with
-    several GPUs (:func:`visible_gpus`) each process is pinned to the least busy one."""
+    several GPUs (:func:`visible_gpus`) each process is pinned to the least loaded one (:func:`least_loaded`)."""
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -519,14 +541,14 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
     failed: set[str] = set()
     retried: set[str] = set()
     by_id = {j["id"]: j for j in jobs}
-    running: dict[str, tuple[subprocess.Popen, float, str | None]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, str | None, float]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     gpus = visible_gpus(args.device)
     if gpus and pending:
-        print(f"{len(gpus)} GPUs ({','.join(gpus)}): each process on the least busy one", flush=True)
+        print(f"{len(gpus)} GPUs ({','.join(gpus)}): each process on the least loaded one", flush=True)
     t_start = time.time()
     while pending or running:
-        for jid, (proc, t0, gpu) in list(running.items()):
+        for jid, (proc, t0, gpu, _) in list(running.items()):
             if proc.poll() is not None:
                 del running[jid]
                 ok = proc.returncode == 0
@@ -546,7 +568,7 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
                     print(f"    retrying {jid} from its checkpoint", flush=True)
                 else:
                     failed.add(jid)
-        for j in list(pending):
+        for j in launch_order(pending):
             if any(n in failed for n in j["needs"]):
                 pending.remove(j)
                 failed.add(j["id"])
@@ -561,11 +583,11 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
             spec_path = out / "jobs" / f"{j['id']}.spec.json"
             _dump(spec_path, spec)
             log = open(out / "logs" / f"{j['id']}.log", "a")
-            gpu = least_busy(gpus, [g for *_, g in running.values()]) if gpus else None
+            gpu = least_loaded(gpus, [(g, c) for _, _, g, c in running.values()]) if gpus else None
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
                                     stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
                                     env=dict(env, CUDA_VISIBLE_DEVICES=gpu) if gpu else env)
-            running[j["id"]] = (proc, time.time(), gpu)
+            running[j["id"]] = (proc, time.time(), gpu, job_cost(j))
             pending.remove(j)
         if pending and not running and all(j["kind"] == "train" for j in pending) and time.time() > deadline - 20:
             print(f"budget spent: {len(pending)} training(s) not started; re-run to continue", flush=True)
@@ -734,7 +756,8 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         _plot(accuracy, memory, out / f"{name}.png", problem)
         print(f"wrote {paths[-1]}  ({n_done}/{len(train_jobs)} runs finished all epochs)")
         for k, v in targets.items():
-            print(f"  {k}: {v['value']} {v['op']} {v['target']} -> {'met' if v['met'] else 'NOT met'}")
+            note = f" ({v['note']})" if v.get("note") else ""
+            print(f"  {k}: {v['value']} {v['op']} {v['target']} -> {'met' if v['met'] else 'NOT met'}{note}")
     return paths
 
 

@@ -461,7 +461,8 @@ def test_fno_deq_experiment_spreads_its_processes_over_the_hosts_gpus(tmp_path, 
     assert mod.visible_gpus("cuda") == ["2", "3"]  # the parent's choice of GPUs is kept
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert mod.visible_gpus("cuda") == []
-    assert mod.least_busy(["2", "3"], ["2", "2", "3"]) == "3" and mod.least_busy(["2", "3"], []) == "2"
+    assert mod.least_loaded(["2", "3"], [("2", 1.0), ("2", 1.0), ("3", 1.0)]) == "3"
+    assert mod.least_loaded(["2", "3"], [("2", 1.0), ("3", 9.0)]) == "2" and mod.least_loaded(["2", "3"], []) == "2"
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     started: list[str | None] = []
@@ -471,19 +472,33 @@ def test_fno_deq_experiment_spreads_its_processes_over_the_hosts_gpus(tmp_path, 
 
         def __init__(self, cmd, env, **kw):
             started.append(env.get("CUDA_VISIBLE_DEVICES"))
+            on[Path(cmd[-1]).name.removesuffix(".spec.json")] = env.get("CUDA_VISIBLE_DEVICES")
 
         def poll(self):
-            return 0 if len(started) == 5 else None
+            return 0 if len(started) == n_jobs else None
 
     monkeypatch.setattr(mod.subprocess, "Popen", Worker)
+    on: dict[str, str | None] = {}
     jobs = [{"id": f"train-{i}", "kind": "train", "needs": [], "config": {}} for i in range(5)]
+    n_jobs = len(jobs)
     args = types.SimpleNamespace(out=str(tmp_path), jobs=5, device="cuda")
     mod.run_jobs(jobs, args, deadline=time.time() + 600)
-    assert started == ["2", "3", "2", "3", "2"]
+    assert started == ["2", "3", "2", "3", "2"]  # equal costs alternate
     started.clear()
     mod.run_jobs(jobs, types.SimpleNamespace(out=str(tmp_path / "one"), jobs=5, device="cuda:0"),
                  deadline=time.time() + 600)
     assert started == ["2,3"] * 5  # one device given: the environment is the parent's
+
+    # a paper-size NS cell in plan order (the models interleaved): its two GPUs get two FNO-DEQs, and the
+    # third with the six baselines (load 18 against 15); plan order would add a baseline to the two
+    cell = [{"id": f"{model}-s{seed}", "kind": "train", "needs": [], "config": {"model": model}}
+            for seed in range(3) for model in ("fno-deq", "fno", "fno++")]
+    started.clear()
+    n_jobs = len(cell)
+    mod.run_jobs(cell, types.SimpleNamespace(out=str(tmp_path / "cell"), jobs=9, device="cuda"),
+                 deadline=time.time() + 600)
+    assert sorted(j for j, gpu in on.items() if gpu == "2" and j in {c["id"] for c in cell}) == [
+        "fno-deq-s0", "fno-deq-s2"]
 
 
 def test_fno_deq_experiment_run_records_where_it_trained(tmp_path):
