@@ -541,14 +541,14 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
     failed: set[str] = set()
     retried: set[str] = set()
     by_id = {j["id"]: j for j in jobs}
-    running: dict[str, tuple[subprocess.Popen, float, str | None, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, str | None]] = {}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     gpus = visible_gpus(args.device)
     if gpus and pending:
         print(f"{len(gpus)} GPUs ({','.join(gpus)}): each process on the least loaded one", flush=True)
     t_start = time.time()
     while pending or running:
-        for jid, (proc, t0, gpu, _) in list(running.items()):
+        for jid, (proc, t0, gpu) in list(running.items()):
             if proc.poll() is not None:
                 del running[jid]
                 ok = proc.returncode == 0
@@ -583,11 +583,12 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
             spec_path = out / "jobs" / f"{j['id']}.spec.json"
             _dump(spec_path, spec)
             log = open(out / "logs" / f"{j['id']}.log", "a")
-            gpu = least_loaded(gpus, [(g, c) for _, _, g, c in running.values()]) if gpus else None
+            busy = [(g, job_cost(by_id[jid])) for jid, (_, _, g) in running.items()]
+            gpu = least_loaded(gpus, busy) if gpus else None
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
                                     stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
                                     env=dict(env, CUDA_VISIBLE_DEVICES=gpu) if gpu else env)
-            running[j["id"]] = (proc, time.time(), gpu, job_cost(j))
+            running[j["id"]] = (proc, time.time(), gpu)
             pending.remove(j)
         if pending and not running and all(j["kind"] == "train" for j in pending) and time.time() > deadline - 20:
             print(f"budget spent: {len(pending)} training(s) not started; re-run to continue", flush=True)
