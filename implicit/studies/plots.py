@@ -16,6 +16,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Lay out, write and close ``fig`` (closed so that a long study does not pile up open figures)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _model_colors(plt, evals: dict) -> dict:
     """A colour per model, distinct within its task (up to 20) and the same in every panel."""
     cmap, seen, colors = plt.get_cmap("tab20"), {}, {}
@@ -60,9 +67,7 @@ def plot_accuracy(evals: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_aa_histogram(evals: dict, path: Path) -> None:
@@ -85,9 +90,7 @@ def plot_aa_histogram(evals: dict, path: Path) -> None:
         ax.set_title(f"{task}: AA score per test input")
         ax.set_xlabel("asymptotic alignment")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_aa_scatter(metrics: dict, path: Path) -> None:
@@ -106,9 +109,7 @@ def plot_aa_scatter(metrics: dict, path: Path) -> None:
                  f"({metrics['n_fitted_models']} fitted models)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_traces(evals: dict, path: Path) -> None:
@@ -123,9 +124,7 @@ def plot_traces(evals: dict, path: Path) -> None:
     ax.set_ylabel("median relative residual")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_darcy(evals: dict, path: Path) -> None:
@@ -145,9 +144,7 @@ def plot_darcy(evals: dict, path: Path) -> None:
         ax.set_ylabel("relative L2 error")
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_all(evals: dict, metrics: dict, out_dir: Path, name: str) -> list[str]:
