@@ -22,7 +22,7 @@ import torch
 
 from implicit.distributed import resolve_device
 from implicit.ode.cnf import CNF, TOY_DATASETS, toy_data, toy_log_density
-from implicit.results import target, write_results
+from implicit.results import save_figure_atomic, target, write_results
 
 SMALL = {"width": 64, "depth": 2, "steps": 8, "batch": 256, "iters": 400, "lr": 5e-3, "n_test": 2000}
 BIG = {"width": 128, "depth": 3, "steps": 16, "batch": 1024, "iters": 5000, "lr": 2e-3, "n_test": 20000}
@@ -108,8 +108,7 @@ def plot(models: dict, args, cfg: dict, dev, path) -> None:
     fig.suptitle(f"FFJORD-style CNF, rk4 {cfg['steps']} steps, MLP {cfg['depth']}x{cfg['width']}, "
                  f"{cfg['iters']} iterations ({args.train_mode} training)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,7 +55,7 @@ from implicit.bench._timing import timed
 from implicit.distributed import resolve_device
 from implicit.diffusion import DDIMSchedule, ddim, deq_ddim, disable_tf32, invert, load_local
 from implicit.diffusion.train import TrainConfig, train_teacher
-from implicit.results import target, write_results
+from implicit.results import save_figure_atomic, target, write_results
 
 
 def digits_teacher(run_dir: str, small: bool, steps: int, dev: torch.device):
@@ -379,8 +379,7 @@ def _plot(metrics, path) -> None:
     if inv:
         ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ sys.path.insert(0, str(ROOT))
 # Paper values (Marwah et al. 2023, Table 1, Darcy 85x85 clean, test relative L2, mean of 3 seeds), for the README.
 PAPER = {"darcy": {"fno-d4": 0.0078, "fno++-d4": 0.0088, "ifno": 0.0076, "fno-deq": 0.0057}}
 # Variance of the raw fields in the paper's NS files (its data/navier_stokes_dataloader.py, visc 0.01).
+from implicit.results import save_figure_atomic  # noqa: E402
 from pde.train import PAPER_NS_VARIANCE, TrainConfig  # noqa: E402
 
 BASELINES = ("fno-d4", "fno++-d4")
@@ -875,12 +876,7 @@ def _figure(accuracy: dict, memory: dict | None, problem: str):
 
 
 def _plot(accuracy: dict, memory: dict | None, path: Path, problem: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = _figure(accuracy, memory, problem)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure_atomic(_figure(accuracy, memory, problem), path, dpi=90)
 
 
 # ----------------------------------------------------------------------------------- main

@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
+from implicit.results import save_figure_atomic  # noqa: E402
 
 PREFIX = "fno_deq_darcy_paper_match_"
 # run name -> label; the Darcy configs' current settings only (the "-paper" suffix: pointwise normaliser, no
@@ -119,9 +120,7 @@ def plot(table: dict, summary: dict, path: Path) -> Path:
     curves.set_yscale("log")
     curves.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 from fno_deq import BASELINES, _agg, _short_label  # noqa: E402  (the script that wrote the files)
+from implicit.results import save_figure_atomic  # noqa: E402
 
 # the NS grids at the configs' settings (the paper-settings and instance-norm runs are other protocols),
 # FNO-DEQ with the Jacobian regulariser over both 48-epoch grids at weights 10 and 3 (the NS config's), and the
@@ -205,12 +206,7 @@ def figure(summary: dict):
 
 def plot(summary: dict, path: Path) -> Path:
     """:func:`figure`, saved to ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(summary)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure_atomic(figure(summary), path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

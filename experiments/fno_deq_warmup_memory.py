@@ -25,7 +25,7 @@ import torch
 
 from implicit.bench._timing import peak_memory, saved_for_backward_bytes, timed
 from implicit.distributed import resolve_device
-from implicit.results import target, write_results
+from implicit.results import save_figure_atomic, target, write_results
 from pde.datasets import IO_VARIABLES, load_recipe
 from pde.models import build_model
 from pde.train import load_config
@@ -165,8 +165,7 @@ def plot(metrics: dict, path: Path, title: str) -> None:
         ax.set_title("time of one training step, forward and backward", fontsize=9)
     fig.suptitle("FNO-DEQ by training phase", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

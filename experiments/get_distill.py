@@ -46,7 +46,7 @@ from implicit.get.evaluate import (cluster_labels, digits_images, evaluate_gener
 from implicit.get.model import build_model
 from implicit.get.pairs import load_pairs, teacher_sampler, write_pairs
 from implicit.get.train import TrainConfig, load_generator, train
-from implicit.results import target, write_results
+from implicit.results import save_figure_atomic, target, write_results
 from implicit.solvers import NonConvergenceWarning
 
 FULL = dict(teacher_size="small", teacher_steps=3000, teacher_batch=128, teacher_lr=4e-4, n_pairs=40000, holdout=2000,
@@ -308,8 +308,7 @@ def _plot(path: Path, test: dict, runs: dict, metrics: dict, device: torch.devic
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def _plot_curves(path: Path, runs: dict, metrics: dict) -> None:
@@ -335,8 +334,7 @@ def _plot_curves(path: Path, runs: dict, metrics: dict) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch import nn
 from implicit.bench._timing import timed
 from implicit.distributed import resolve_device
 from implicit.ode import odeint_parallel, odeint_sequential
-from implicit.results import target, write_results
+from implicit.results import save_figure_atomic, target, write_results
 
 
 class Field(nn.Module):
@@ -120,7 +120,7 @@ def plot(rows, path) -> None:
     axes[0].set_ylabel("wall time (s)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from implicit.distributed import resolve_device
+from implicit.results import save_figure_atomic
 from pde import darcy, navier_stokes as ns
 from pde.datasets import generate_split, load_recipe
-from pde.grf import darcy_coefficient, sample_grf
 
 try:
     from implicit.results import target, write_results
@@ -340,8 +340,7 @@ def plot(m: dict, path: Path) -> None:
     axes[1].set_ylabel("seconds to the same steady residual")
     axes[1].set_title("Newton-Krylov (green) vs time stepping (red)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=90)
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from .results import save_figure_atomic
 from .solvers import SolverResult
 from .solvers._tree import Flattener, batch_norm
 
@@ -67,7 +68,7 @@ def plot_residual_traces(traces: Mapping[str, SolverResult | Tensor], path: str 
     ax.legend()
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure_atomic(fig, path, close=False, dpi=120)
     return fig
 
 

@@ -78,6 +78,28 @@ def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def save_figure_atomic(fig: Any, path: str | Path, *, close: bool = True, **savefig_kwargs: Any) -> Path:
+    """``fig.savefig`` to a temporary file beside ``path`` and rename it into place, so a run killed
+    mid-write (or a plotting error) leaves the previous figure, never a truncated one; then close
+    ``fig`` (unless ``close=False``) so long runs do not pile up open figures. The format is
+    ``path``'s suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    return path
+
+
 def global_rng_state(device: torch.device | None = None) -> dict:
     """torch's global random streams, for a checkpoint: draws from them during training (Hutchinson
     probes, random initial states) then continue on resume exactly as in an uninterrupted run.

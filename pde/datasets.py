@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from implicit.results import save_figure_atomic
+
 from . import darcy, navier_stokes
 
 __all__ = [
@@ -622,7 +624,4 @@ def show(path: str | os.PathLike, out: str | os.PathLike | None = None, *, n: in
                 ax.set_title(v, fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure_atomic(fig, out, dpi=80)

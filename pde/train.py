@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from implicit.distributed import resolve_device, setup_device
-from implicit.results import global_rng_state, save_torch_atomic, set_global_rng_state
+from implicit.results import global_rng_state, save_figure_atomic, save_torch_atomic, set_global_rng_state
 
 from .datasets import IO_VARIABLES, NORMALIZERS, REPO_ROOT, PDEDataset, fit_normalizer, generate_split, load_recipe
 from .models import GRIDS, Operator, build_model, count_parameters, load_model, read_checkpoint
@@ -793,13 +793,7 @@ def plot_prediction(x: Tensor, y: Tensor, pred: Tensor, path: str | os.PathLike,
             ax.set_yticks([])
             ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path, dpi=80)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

@@ -36,6 +36,40 @@ def test_bench_solvers_small_writes_results(tmp_path):
     assert (tmp_path / "solver_overhead.png").exists()
 
 
+def test_figures_replace_the_previous_file_only_when_complete(tmp_path):
+    """A figure write that dies half-way keeps the previous PNG whole and leaves no partial file;
+    a good write replaces it and closes the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from implicit.results import save_figure_atomic
+
+    path = tmp_path / "fig.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure_atomic(fig, path, dpi=50)
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG") and not plt.fignum_exists(fig.number)
+
+    fig, _ = plt.subplots()
+    real_savefig = fig.savefig
+
+    def die_half_way(fname, **kwargs):
+        real_savefig(fname, **kwargs)
+        with open(fname, "r+b") as fh:
+            fh.truncate(20)
+        raise OSError("disk full")
+
+    fig.savefig = die_half_way
+    with pytest.raises(OSError, match="disk full"):
+        save_figure_atomic(fig, path, dpi=50)
+    assert path.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]
+    assert not plt.fignum_exists(fig.number)
+
+
 def _refuses_cuda(call, out) -> None:
     """``call()`` asks for CUDA on a machine without it: a ValueError that says so, before ``out`` is written."""
     with pytest.raises(ValueError, match="CUDA is not available"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..deq import DEQ
 from ..distributed import resolve_device
-from ..results import target, write_results
+from ..results import save_figure_atomic, target, write_results
 from ..solvers import SOLVERS
 from ._timing import peak_memory, timed
 
@@ -176,7 +176,7 @@ def plot(metrics: dict, path: Path) -> None:
         ax.set_title(case)
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def run(device: str | None = None, small: bool = False, repeats: int = 5,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import resolve_device, setup_device
+from ..results import save_figure_atomic
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
@@ -34,8 +35,7 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
             img = x[i].permute(1, 2, 0).numpy()
             ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=100)
 
 
 def _train(a) -> None:
@@ -153,8 +153,7 @@ def _invert(a) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "mse_vs_time.png", dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, out / "mse_vs_time.png", dpi=120)
     (out / "history.json").write_text(json.dumps({m: r.history for m, r in results.items()}, indent=2))
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bench._timing import timed
+from ..results import save_figure_atomic
 from .model import count_params
 
 __all__ = [
@@ -280,8 +281,4 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, title: str | None
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure_atomic(fig, path, dpi=100, bbox_inches="tight")

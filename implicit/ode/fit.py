@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..results import save_figure_atomic
 from .models import MLPField, NeuralODE, NeuralSDE
 from .systems import SYSTEMS, ode_dataset, ornstein_uhlenbeck
 
@@ -166,5 +167,4 @@ def _plot(cfg, model, t, test, path) -> None:
         ax.set_xlabel("t")
         ax.set_title(f"{cfg.system}: component {j} (solid: true, dashed: fitted)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)

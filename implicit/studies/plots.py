@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ..results import save_figure_atomic
+
 
 def _plt():
     import matplotlib
@@ -16,11 +18,10 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
-    """Lay out, write and close ``fig`` (closed so that a long study does not pile up open figures)."""
+def _save(fig, path: Path) -> None:
+    """Lay out ``fig``, write it atomically and close it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def _model_colors(plt, evals: dict) -> dict:
@@ -67,7 +68,7 @@ def plot_accuracy(evals: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_aa_histogram(evals: dict, path: Path) -> None:
@@ -90,7 +91,7 @@ def plot_aa_histogram(evals: dict, path: Path) -> None:
         ax.set_title(f"{task}: AA score per test input")
         ax.set_xlabel("asymptotic alignment")
         ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_aa_scatter(metrics: dict, path: Path) -> None:
@@ -109,7 +110,7 @@ def plot_aa_scatter(metrics: dict, path: Path) -> None:
                  f"({metrics['n_fitted_models']} fitted models)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_traces(evals: dict, path: Path) -> None:
@@ -124,7 +125,7 @@ def plot_traces(evals: dict, path: Path) -> None:
     ax.set_ylabel("median relative residual")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=5)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_darcy(evals: dict, path: Path) -> None:
@@ -144,7 +145,7 @@ def plot_darcy(evals: dict, path: Path) -> None:
         ax.set_ylabel("relative L2 error")
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=6)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_all(evals: dict, metrics: dict, out_dir: Path, name: str) -> list[str]:
