@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import resolve_device, setup_device
-from ..results import save_figure_atomic
+from ..results import save_figure_atomic, save_torch_atomic, write_json_atomic
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
@@ -87,11 +87,11 @@ def _sample(a) -> None:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"x_T": x_T, "samples": x0, "method": a.method, "steps": a.steps}, out / "samples.pt")
+    save_torch_atomic({"x_T": x_T, "samples": x0, "method": a.method, "steps": a.steps}, out / "samples.pt")
     _save_grid(x0, out / "grid.png")
     info.update(method=a.method, steps=a.steps, n=a.n, ranks=world, seconds=seconds,
                 cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
-    (out / "sample_info.json").write_text(json.dumps(info, indent=2))
+    write_json_atomic(out / "sample_info.json", info)
     print(json.dumps(info))
 
 
@@ -142,7 +142,7 @@ def _invert(a) -> None:
         print(f"{method}: final MSE {results[method].history[-1][1]:.4g} "
               f"after {results[method].history[-1][0]:.2f} s")
     best = min(results.values(), key=lambda r: r.history[-1][1])
-    torch.save({m: r.x_T.cpu() for m, r in results.items()}, out / "x_T.pt")
+    save_torch_atomic({m: r.x_T.cpu() for m, r in results.items()}, out / "x_T.pt")
     _save_grid(torch.cat([target.cpu(), best.reconstruction.cpu()]), out / "reconstruction.png")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m, r in results.items():
@@ -154,7 +154,7 @@ def _invert(a) -> None:
     ax.legend()
     fig.tight_layout()
     save_figure_atomic(fig, out / "mse_vs_time.png", dpi=120)
-    (out / "history.json").write_text(json.dumps({m: r.history for m, r in results.items()}, indent=2))
+    write_json_atomic(out / "history.json", {m: r.history for m, r in results.items()})
 
 
 def add_parser(subparsers) -> None:

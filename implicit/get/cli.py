@@ -64,9 +64,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    import torch
-
     from ..distributed import resolve_device
+    from ..results import save_torch_atomic
     from .evaluate import generate, save_grid
     from .pairs import chunk_noise
     from .train import load_generator
@@ -78,5 +77,5 @@ def _sample(args: argparse.Namespace) -> None:
     images = generate(model, x, y)
     out = Path(args.out or Path(args.run) / "samples.png")
     save_grid(images, out, nrow=max(1, int(round(args.n ** 0.5))))
-    torch.save({"noise": x, "images": images, "labels": y}, out.with_suffix(".pt"))
+    save_torch_atomic({"noise": x, "images": images, "labels": y}, out.with_suffix(".pt"))
     print(f"samples: {out}")

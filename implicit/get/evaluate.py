@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bench._timing import timed
-from ..results import save_figure_atomic
+from ..results import save_figure_atomic, save_torch_atomic
 from .model import count_params
 
 __all__ = [
@@ -116,8 +116,7 @@ def train_feature_net(images: Tensor, labels: Tensor, *, epochs: int = 15, batch
     with torch.no_grad():
         acc = (net(x[test.to(device)]).argmax(1) == y[test.to(device)]).float().mean().item()
     if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "net": net.state_dict(), "accuracy": acc}, cache)
+        save_torch_atomic({"key": key, "net": net.state_dict(), "accuracy": acc}, cache)
     return net, acc
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import setup_device
-from ..results import save_torch_atomic
+from ..results import save_torch_atomic, write_json_atomic
 from .evaluate import generate
 from .model import build_model, count_params
 from .pairs import load_pairs
@@ -234,7 +233,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, progress: bool = True
                "evals": evals,
                "seconds": seconds_before + time.perf_counter() - start, "checkpoint": str(ckpt)}
     if rank == 0 and step >= cfg.steps:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
