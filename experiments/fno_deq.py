@@ -99,8 +99,8 @@ sys.path.insert(0, str(ROOT))
 
 # Paper values (Marwah et al. 2023, Table 1, Darcy 85x85 clean, test relative L2, mean of 3 seeds), for the README.
 PAPER = {"darcy": {"fno-d4": 0.0078, "fno++-d4": 0.0088, "ifno": 0.0076, "fno-deq": 0.0057}}
+from implicit.results import atomic_path, save_figure_atomic  # noqa: E402
 # Variance of the raw fields in the paper's NS files (its data/navier_stokes_dataloader.py, visc 0.01).
-from implicit.results import save_figure_atomic  # noqa: E402
 from pde.train import PAPER_NS_VARIANCE, TrainConfig  # noqa: E402
 
 BASELINES = ("fno-d4", "fno++-d4")
@@ -387,9 +387,8 @@ def memory_sweep(spec: dict) -> dict:
 
 
 def _dump(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1, default=float))
 
 
 # ----------------------------------------------------------------------------------- scheduler

@@ -60,7 +60,8 @@ def max_rel_diff(grads: tuple, others: tuple) -> float:
                for g, h in zip(grads, others) if g is not None)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Path:
+    """Measure every phase and write the results file (named for the device it ran on); returns its path."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "experiments" / "configs" / "ns-fno-deq.toml"))
     p.add_argument("--batch", type=int, default=32)
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                          wall_clock_s=time.perf_counter() - t_start, out_dir=a.out)
     plot(metrics, path.with_suffix(".png"), f"{res}x{res}, batch {batch}")
     print({k: v["met"] for k, v in targets.items()}, "\nwrote", path)
+    return path
 
 
 def plot(metrics: dict, path: Path, title: str) -> None:

@@ -7,8 +7,9 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -50,54 +51,49 @@ def run_environment(device: torch.device | str | None = None) -> dict[str, str]:
     return {"device": device_name(device), "torch": torch.__version__, "commit": git_commit()}
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=float)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def save_torch_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path`` and rename it into place, so a run killed
-    mid-write leaves the previous checkpoint, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def save_figure_atomic(fig: Any, path: str | Path, *, close: bool = True, **savefig_kwargs: Any) -> Path:
-    """``fig.savefig`` to a temporary file beside ``path`` and rename it into place, so a run killed
-    mid-write (or a plotting error) leaves the previous figure, never a truncated one; then close
-    ``fig`` (unless ``close=False``) so long runs do not pile up open figures. The format is
-    ``path``'s suffix."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """A temporary file beside ``path`` to write, renamed onto ``path`` when the block ends and removed
+    if it raises: a run killed mid-write leaves the previous file whole, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp" + path.suffix)
     os.close(fd)
     try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON (indent 2) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=float)
+        fh.write("\n")
+    return Path(path)
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def save_figure_atomic(fig: Any, path: str | Path, *, close: bool = True, **savefig_kwargs: Any) -> Path:
+    """``fig.savefig`` to ``path`` through :func:`atomic_path` (in ``path``'s format), then close ``fig``
+    (unless ``close=False``) so long runs do not pile up open figures."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None, **savefig_kwargs)
+    finally:
         if close:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-    return path
+    return Path(path)
 
 
 def global_rng_state(device: torch.device | None = None) -> dict:

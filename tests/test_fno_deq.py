@@ -807,15 +807,16 @@ def test_warmup_memory_experiment_counts_each_phase_and_checks_the_recomputed_gr
     the recomputed warm-up less than either, with the same gradient."""
     import json
 
-    load_experiment("fno_deq_warmup_memory").main(["--small", "--out", str(tmp_path)])
-    name = "fno_deq_warmup_memory_small" + ("" if torch.cuda.is_available() else "_cpu")  # the device it ran on
-    written = json.loads((tmp_path / f"{name}.json").read_text())
+    path = load_experiment("fno_deq_warmup_memory").main(["--small", "--out", str(tmp_path)])
+    on = "" if torch.cuda.is_available() else "_cpu"  # the file is named for the device it ran on
+    assert path == tmp_path / f"fno_deq_warmup_memory_small{on}.json"
+    written = json.loads(path.read_text())
     saved = {k: v["saved_for_backward_bytes"] for k, v in written["metrics"]["phases"].items()}
     assert saved["warm-up, recomputed"] < saved["implicit"] < saved["warm-up"]
     assert [v["model_mode"] for v in written["metrics"]["phases"].values()] == ["pretrain", "pretrain", "deq", "deq"]
     assert written["metrics"]["recomputed_warmup_max_rel_grad_diff"] <= 1e-6
     assert all(t["met"] for t in written["targets"].values())
-    assert (tmp_path / f"{name}.png").is_file()
+    assert path.with_suffix(".png").is_file()
 
 
 def test_warmup_memory_phases_keep_their_mode_over_repeated_steps():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..results import save_figure_atomic
+from ..results import save_figure_atomic, save_torch_atomic
 from .models import MLPField, NeuralODE, NeuralSDE
 from .systems import SYSTEMS, ode_dataset, ornstein_uhlenbeck
 
@@ -135,10 +135,8 @@ def fit(cfg: FitConfig, run_dir: str | os.PathLike) -> dict:
             test_loss = float(_loss(cfg, model, t, test, 10**9 + epoch))
         history.append({"epoch": epoch + 1, "train": float(loss.detach()), "test": test_loss})
         bar.set_postfix(train=f"{history[-1]['train']:.2e}", test=f"{test_loss:.2e}")
-        tmp = run / "checkpoint.pt.tmp"
-        torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1, "history": history}, tmp)
-        os.replace(tmp, ckpt)
+        save_torch_atomic({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "epoch": epoch + 1, "history": history}, ckpt)
     _plot(cfg, model, t, test, run / "fit.png")
     return {"final_test_loss": history[-1]["test"] if history else None, "history": history}
 

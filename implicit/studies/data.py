@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from ..results import atomic_path
 
 
 @dataclass
@@ -39,23 +39,14 @@ class TaskSet(Dataset):
         """Write ``x``, ``y``, ``mask`` and the recipe (as attributes) to ``path`` via a temporary file."""
         import h5py
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as fh:
-                fh.create_dataset("x", data=self.x.cpu().numpy(), compression="gzip")
-                y = self.y.cpu().numpy()  # labels as int8; a regression target (Darcy) keeps its float dtype
-                fh.create_dataset("y", data=y if y.dtype.kind == "f" else y.astype(np.int8), compression="gzip")
-                fh.create_dataset("mask", data=self.mask.cpu().numpy(), compression="gzip")
-                for key, value in self.recipe.items():
-                    fh.attrs[key] = value
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+            fh.create_dataset("x", data=self.x.cpu().numpy(), compression="gzip")
+            y = self.y.cpu().numpy()  # labels as int8; a regression target (Darcy) keeps its float dtype
+            fh.create_dataset("y", data=y if y.dtype.kind == "f" else y.astype(np.int8), compression="gzip")
+            fh.create_dataset("mask", data=self.mask.cpu().numpy(), compression="gzip")
+            for key, value in self.recipe.items():
+                fh.attrs[key] = value
+        return Path(path)
 
     @classmethod
     def read_hdf5(cls, path: str | Path) -> "TaskSet":
