@@ -26,6 +26,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   read from its per-epoch records where it trained past them (:func:`at_plan_epochs`: a 6-epoch file
   from an 8-epoch cell is ``--collect-only --reuse`` of the 8-epoch file with ``--ns-epochs 6``).
   ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
+  A training keeps its job file current after every evaluated epoch, so a process killed with its
+  machine leaves its last evaluation: ``--collect-only`` of the ``jobs/*.json`` that came back reports
+  it as a cut run, or as a finished run of a plan that ends at that epoch.
 - Several machines: each run's job file records the device, torch and commit it trained with. Gather
   the ``jobs/*.json`` of several ``--out`` folders into one and ``--collect-only`` writes the results
   files from them, naming the machines the runs trained on, not the one that collected them.
@@ -284,7 +287,6 @@ def _worker(spec_path: str) -> int:
 
 
 def _train_worker(spec: dict, result_path: Path) -> int:
-    from implicit.results import run_environment
     from pde.train import evaluate, load_split, train
 
     cfg_d = dict(spec["config"])
@@ -295,16 +297,40 @@ def _train_worker(spec: dict, result_path: Path) -> int:
     cfg = TrainConfig(**cfg_d)
     previous = json.loads(result_path.read_text()) if result_path.is_file() else {}
     t0 = time.perf_counter()
-    s = train(cfg, progress=False, deadline=spec["deadline"])
-    wall = time.perf_counter() - t0
+
+    def after_epoch(s: dict) -> None:  # a kill between evaluations keeps the last one's record
+        if s["epochs_done"] < cfg.epochs and "test_rel_l2" in s["history"][-1]:
+            _dump(result_path, _train_result(spec, cfg_d, s, time.perf_counter() - t0, previous))
+
+    s = train(cfg, progress=False, deadline=spec["deadline"], on_epoch=after_epoch)
+    res = _train_result(spec, cfg_d, s, time.perf_counter() - t0, previous)
+    if s["history"] and "test_rel_l2" not in res:  # stopped between evaluations: evaluate the checkpoint now
+        test_file = str(cfg.data).replace("_train.h5", "_test.h5")
+        ev = evaluate(s["checkpoint"], test_file, subsample=cfg.subsample, device=cfg.device)
+        res["test_rel_l2"] = ev["rel_l2_mean"]
+        if "solver" in ev:
+            res.update(test_solver_iters=ev["solver"]["n_iter_mean"],
+                       test_solver_residual=ev["solver"]["residual_mean"],
+                       test_solver_rel_residual=ev["solver"]["rel_residual_mean"])
+    _dump(result_path, res)
+    return 0
+
+
+def _train_result(spec: dict, cfg_d: dict, s: dict, wall: float, previous: dict) -> dict:
+    """A training job's result record from ``train``'s summary ``s`` (final, or after an epoch) under the
+    config ``cfg_d``: its epochs, per-epoch curves, the test error and solve of its last epoch where that one was
+    evaluated, timings and memory. ``previous``: the record of the job's earlier calls, whose wall clock it adds to."""
+    from implicit.results import run_environment
+
+    cfg = TrainConfig(**cfg_d)
     hist = s["history"]
     res = {k: spec[k] for k in ("data", "setting", "model", "seed")}
     res.update(epochs=cfg.epochs, epochs_done=s["epochs_done"], parameters=s["parameters"],
-               noise_scale=cfg.noise_scale, config=cfg_d, wall_clock_s=wall + previous.get("wall_clock_s", 0.0),
+               noise_scale=cfg.noise_scale, config=cfg_d,
+               wall_clock_s=wall + previous.get("wall_clock_s", 0.0),
                **run_environment(None if cfg.device == "auto" else cfg.device))
     if not hist:
-        _dump(result_path, res)
-        return 0
+        return res
     last = hist[-1]
     res["train_rel_l2"] = last["train_rel_l2"]
     res["train_rel_l2_per_epoch"] = [h["train_rel_l2"] for h in hist]
@@ -318,22 +344,11 @@ def _train_worker(spec: dict, result_path: Path) -> int:
     res["epoch_time_s"] = statistics.median(h["time_s"] for h in hist)
     if "test_rel_l2" in last:
         res["test_rel_l2"] = last["test_rel_l2"]
-        for k in ("test_solver_iters", "test_solver_residual", "test_solver_rel_residual"):
-            if k in last:
-                res[k] = last[k]
-    else:  # stopped between evaluations: evaluate the checkpoint (whole epochs) now
-        test_file = str(cfg.data).replace("_train.h5", "_test.h5")
-        ev = evaluate(s["checkpoint"], test_file, subsample=cfg.subsample, device=cfg.device)
-        res["test_rel_l2"] = ev["rel_l2_mean"]
-        if "solver" in ev:
-            res.update(test_solver_iters=ev["solver"]["n_iter_mean"],
-                       test_solver_residual=ev["solver"]["residual_mean"],
-                       test_solver_rel_residual=ev["solver"]["rel_residual_mean"])
+        res.update({k: last[k] for k in TEST_SOLVE_KEYS if k in last})
     trained_now = s["epochs_done"] > len(previous.get("train_rel_l2_per_epoch", []))
     for k in ("peak_memory_bytes", "peak_memory_bytes_solving"):
         res[k] = s.get(k) if trained_now else previous.get(k)
-    _dump(result_path, res)
-    return 0
+    return res
 
 
 def memory_sweep(spec: dict) -> dict:

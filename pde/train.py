@@ -463,7 +463,7 @@ def next_epoch_estimate(last_wall: float, epoch: int, steps_per_epoch: int, warm
 
 def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] | None = None, stop_after: int | None = None,
-          deadline: float | None = None) -> dict:
+          deadline: float | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; return a summary (history, paths, parameters, timings).
 
     ``resume``: ``None`` resumes when the run folder holds a checkpoint of the same config,
@@ -473,6 +473,9 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     epoch that would end past it (judged by the previous epoch's duration, test evaluation
     included), so the checkpoint holds whole epochs and a later call resumes. The summary's
     ``stopped_early`` says whether it stopped before ``epochs``.
+    ``on_epoch``: called on rank 0 after each epoch's checkpoint with the summary the run would return had it
+    stopped there (history, ``epochs_done``, peak memory; no model state), so that a caller can keep its own
+    record current and a process killed mid-run still leaves its finished epochs reported.
     """
     if resume is True and overwrite:
         raise ValueError("resume continues the run folder's checkpoint and overwrite starts it again (--resume, "
@@ -583,6 +586,15 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                    file=sys.stderr, dynamic_ncols=True, desc=f"train {cfg.model}")
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     done, epoch_wall = start_epoch, 0.0
+
+    def summary_after(epochs_done: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"checkpoint": str(ckpt_path), "run": str(run), "parameters": n_params,
+                               "history": list(history), "epochs": cfg.epochs, "world_size": world,
+                               "epochs_done": epochs_done, "stopped_early": epochs_done < cfg.epochs}
+        if device.type == "cuda":  # the whole run's: earlier calls' epochs of a resumed run recorded theirs
+            out.update(peak_training_memory(history, torch.cuda.max_memory_allocated(device)))
+        return out
+
     warmup = getattr(op.net, "pretrain_steps", 0)
     for epoch in range(start_epoch, last_epoch):
         if deadline is not None:
@@ -682,6 +694,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 "parameters": n_params, "global_rng": global_rng_state(device),
                 "resolution": int(train_ds.x.shape[-1]),  # the grid it trained on, after subsampling
             }, ckpt_path)
+            if on_epoch is not None:
+                on_epoch(summary_after(epoch + 1))
             msg = f"epoch {epoch + 1}/{cfg.epochs}  train rel L2 {train_loss:.4f}  "
             if "test_rel_l2" in record:
                 msg += f"test rel L2 {record['test_rel_l2']:.4f}  "
@@ -708,11 +722,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
         bar.close()
     if done < last_epoch:
         say(f"deadline: stopped after epoch {done}/{cfg.epochs}; re-run on {run} to resume")
-    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "run": str(run), "parameters": n_params,
-                               "history": history, "epochs": cfg.epochs, "world_size": world,
-                               "epochs_done": done, "stopped_early": done < cfg.epochs}
-    if device.type == "cuda":  # the whole run's: earlier calls' epochs of a resumed run recorded theirs
-        summary.update(peak_training_memory(history, torch.cuda.max_memory_allocated(device)))
+    summary = summary_after(done)
     if main and cfg.plot and history:
         pred, _ = _predict(op, test_ds.x[:4], device, 4, cfg.amp)
         summary["png"] = str(plot_prediction(test_ds.x[:4], test_ds.y[:4], pred, run / "prediction.png",

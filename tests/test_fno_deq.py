@@ -555,6 +555,60 @@ def test_fno_deq_experiment_reads_a_longer_run_as_the_shorter_plans_run(tmp_path
     assert mod.at_plan_epochs(longer, {**plan, "lr": 1.0}) is None  # another training
 
 
+def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_resumes(tmp_path, monkeypatch):
+    """A training job keeps its result file current after each evaluated epoch: killed in its 4th epoch (eval every
+    2), it leaves what the uninterrupted run reads at a 2-epoch plan; the next call resumes from the checkpoint
+    and ends where the uninterrupted run ends. Without the per-epoch record a killed machine lost every epoch."""
+    import json
+
+    import pde.train
+    from pde.datasets import generate_split
+
+    recipe = {"name": "darcy-k", "generator": "darcy", "seed": 0, "chunk_size": 8, "store_dtype": "float32",
+              "splits": {"train": 8, "test": 4}, "darcy": {"fine_resolution": 17, "subsample": 2}}
+    for split in ("train", "test"):
+        generate_split(recipe, split, tmp_path, progress=False)
+    mod = load_experiment("fno_deq")
+
+    def spec(name: str) -> dict:
+        config = dict(data=str(tmp_path / "darcy-k_train.h5"), out=str(tmp_path / name), model="fno-deq", width=4,
+                      modes=3, max_iter=4, eval_max_iter=4, pretrain_steps=2, pretrain_iter=2, epochs=4,
+                      batch_size=4, scheduler="constant", eval_every=2, plot=False, device="cpu")
+        return {"data": "darcy", "setting": "clean", "model": "fno-deq", "seed": 0, "config": config, "deadline": 1e12}
+
+    assert mod._train_worker(spec("whole"), tmp_path / "whole.json") == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+
+    class Killed(BaseException):
+        pass
+
+    real_train = pde.train.train
+
+    def killed_in_epoch_4(cfg, **kw):
+        def after_epoch(s):
+            kw["on_epoch"](s)
+            if s["epochs_done"] == 3:
+                raise Killed
+        return real_train(cfg, **{**kw, "on_epoch": after_epoch})
+
+    killed = spec("killed")
+    monkeypatch.setattr(pde.train, "train", killed_in_epoch_4)
+    with pytest.raises(Killed):
+        mod._train_worker(killed, tmp_path / "killed.json")
+    left = json.loads((tmp_path / "killed.json").read_text())
+    plan2 = {**killed["config"], "epochs": 2}
+    keys = ("epochs_done", "test_rel_l2", "train_rel_l2", *mod.TEST_SOLVE_KEYS, "test_rel_l2_curve",
+            "test_solver_curve", "train_rel_l2_per_epoch")
+    assert left["epochs_done"] == 2 and mod.finished_for(left, plan2) and not mod.finished_for(left, killed["config"])
+    assert {k: left[k] for k in keys} == {k: mod.at_plan_epochs(whole, plan2)[k] for k in keys}
+
+    monkeypatch.setattr(pde.train, "train", real_train)
+    assert mod._train_worker(killed, tmp_path / "killed.json") == 0  # resumes from epoch 3's checkpoint
+    done = json.loads((tmp_path / "killed.json").read_text())
+    assert {k: done[k] for k in keys} == {k: whole[k] for k in keys}
+    assert done["wall_clock_s"] > left["wall_clock_s"]
+
+
 def _ns_job_files(tmp_path: Path, machines: dict[int, dict | None]) -> tuple[list[dict], Path]:
     """Finished NS job files, one per seed, recording the given machine (None: a run that predates it)."""
     import json
