@@ -100,11 +100,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Paper values (Marwah et al. 2023, Table 1, Darcy 85x85 clean, test relative L2, mean of 3 seeds), for the README.
-PAPER = {"darcy": {"fno-d4": 0.0078, "fno++-d4": 0.0088, "ifno": 0.0076, "fno-deq": 0.0057}}
 from implicit.results import atomic_path, save_figure_atomic  # noqa: E402
 # Variance of the raw fields in the paper's NS files (its data/navier_stokes_dataloader.py, visc 0.01).
 from pde.train import PAPER_NS_VARIANCE, TrainConfig  # noqa: E402
+
+# Paper values (Marwah et al. 2023, Table 1, Darcy 85x85 clean, test relative L2, mean of 3 seeds), for the README.
+PAPER = {"darcy": {"fno-d4": 0.0078, "fno++-d4": 0.0088, "ifno": 0.0076, "fno-deq": 0.0057}}
 
 BASELINES = ("fno-d4", "fno++-d4")
 
@@ -300,10 +301,10 @@ def _train_worker(spec: dict, result_path: Path) -> int:
 
     def after_epoch(s: dict) -> None:  # a kill between evaluations keeps the last one's record
         if s["epochs_done"] < cfg.epochs and "test_rel_l2" in s["history"][-1]:
-            _dump(result_path, _train_result(spec, cfg_d, s, time.perf_counter() - t0, previous))
+            _dump(result_path, _train_result(spec, cfg, cfg_d, s, time.perf_counter() - t0, previous))
 
     s = train(cfg, progress=False, deadline=spec["deadline"], on_epoch=after_epoch)
-    res = _train_result(spec, cfg_d, s, time.perf_counter() - t0, previous)
+    res = _train_result(spec, cfg, cfg_d, s, time.perf_counter() - t0, previous)
     if s["history"] and "test_rel_l2" not in res:  # stopped between evaluations: evaluate the checkpoint now
         test_file = str(cfg.data).replace("_train.h5", "_test.h5")
         ev = evaluate(s["checkpoint"], test_file, subsample=cfg.subsample, device=cfg.device)
@@ -316,13 +317,13 @@ def _train_worker(spec: dict, result_path: Path) -> int:
     return 0
 
 
-def _train_result(spec: dict, cfg_d: dict, s: dict, wall: float, previous: dict) -> dict:
-    """A training job's result record from ``train``'s summary ``s`` (final, or after an epoch) under the
-    config ``cfg_d``: its epochs, per-epoch curves, the test error and solve of its last epoch where that one was
-    evaluated, timings and memory. ``previous``: the record of the job's earlier calls, whose wall clock it adds to."""
+def _train_result(spec: dict, cfg: TrainConfig, cfg_d: dict, s: dict, wall: float, previous: dict) -> dict:
+    """A training job's result record from ``train``'s summary ``s`` (final, or after an epoch) under ``cfg``
+    (recorded as the job's ``cfg_d``): its epochs, per-epoch curves, the test error and solve of its last epoch
+    where that one was evaluated, timings and memory. ``previous``: the record of the job's earlier calls, whose
+    wall clock it adds to."""
     from implicit.results import run_environment
 
-    cfg = TrainConfig(**cfg_d)
     hist = s["history"]
     res = {k: spec[k] for k in ("data", "setting", "model", "seed")}
     res.update(epochs=cfg.epochs, epochs_done=s["epochs_done"], parameters=s["parameters"],
