@@ -26,9 +26,10 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   read from its per-epoch records where it trained past them (:func:`at_plan_epochs`: a 6-epoch file
   from an 8-epoch cell is ``--collect-only --reuse`` of the 8-epoch file with ``--ns-epochs 6``).
   ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
-  A training keeps its job file current after every evaluated epoch, so a process killed with its
-  machine leaves its last evaluation: ``--collect-only`` of the ``jobs/*.json`` that came back reports
-  it as a cut run, or as a finished run of a plan that ends at that epoch.
+  A training keeps its job file current after every epoch, so a process killed with its machine leaves
+  its last evaluation: ``--collect-only`` of the ``jobs/*.json`` that came back reports it as a cut run,
+  or as a finished run of a plan that ends at that epoch. The run's own ``wall_clock_s`` counts its time
+  up to its last checkpoint, so a resumed run counts each epoch once.
 - Several machines: each run's job file records the device, torch and commit it trained with. Gather
   the ``jobs/*.json`` of several ``--out`` folders into one and ``--collect-only`` writes the results
   files from them, naming the machines the runs trained on, not the one that collected them.
@@ -299,9 +300,17 @@ def _train_worker(spec: dict, result_path: Path) -> int:
     previous = json.loads(result_path.read_text()) if result_path.is_file() else {}
     t0 = time.perf_counter()
 
-    def after_epoch(s: dict) -> None:  # a kill between evaluations keeps the last one's record
-        if s["epochs_done"] < cfg.epochs and "test_rel_l2" in s["history"][-1]:
-            _dump(result_path, _train_result(spec, cfg, cfg_d, s, time.perf_counter() - t0, previous))
+    def after_epoch(s: dict) -> None:
+        """Keep the job file current after each checkpoint, so that a kill leaves the last evaluation's record
+        and the time trained up to the checkpoint the next call resumes from (each kept epoch counted once)."""
+        if s["epochs_done"] >= cfg.epochs:
+            return  # the final record follows
+        wall = time.perf_counter() - t0
+        if "test_rel_l2" in s["history"][-1]:
+            _dump(result_path, _train_result(spec, cfg, cfg_d, s, wall, previous))
+        elif result_path.is_file():  # between evaluations: the last one's record, its clock moved on
+            record = json.loads(result_path.read_text())
+            _dump(result_path, {**record, "wall_clock_s": wall + previous.get("wall_clock_s", 0.0)})
 
     s = train(cfg, progress=False, deadline=spec["deadline"], on_epoch=after_epoch)
     res = _train_result(spec, cfg, cfg_d, s, time.perf_counter() - t0, previous)

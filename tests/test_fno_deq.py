@@ -556,10 +556,13 @@ def test_fno_deq_experiment_reads_a_longer_run_as_the_shorter_plans_run(tmp_path
 
 
 def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_resumes(tmp_path, monkeypatch):
-    """A training job keeps its result file current after each evaluated epoch: killed in its 4th epoch (eval every
-    2), it leaves what the uninterrupted run reads at a 2-epoch plan; the next call resumes from the checkpoint
-    and ends where the uninterrupted run ends. Without the per-epoch record a killed machine lost every epoch."""
+    """A training job keeps its result file current after each epoch: killed in its 4th epoch (eval every 2), it
+    leaves what the uninterrupted run reads at a 2-epoch plan, with the wall clock up to epoch 3's checkpoint; the
+    next call resumes from that checkpoint and ends where the uninterrupted run ends, each epoch's time counted
+    once. Without the per-epoch record a killed machine lost every epoch, and without the clock's update epoch 3's
+    time."""
     import json
+    from types import SimpleNamespace
 
     import pde.train
     from pde.datasets import generate_split
@@ -583,16 +586,19 @@ def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_re
         pass
 
     real_train = pde.train.train
+    clock = [0.0]  # the job's clock: each epoch takes 100 s
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
-    def killed_in_epoch_4(cfg, **kw):
+    def timed(cfg, kill_after=None, **kw):
         def after_epoch(s):
+            clock[0] += 100.0
             kw["on_epoch"](s)
-            if s["epochs_done"] == 3:
+            if s["epochs_done"] == kill_after:
                 raise Killed
         return real_train(cfg, **{**kw, "on_epoch": after_epoch})
 
     killed = spec("killed")
-    monkeypatch.setattr(pde.train, "train", killed_in_epoch_4)
+    monkeypatch.setattr(pde.train, "train", lambda cfg, **kw: timed(cfg, kill_after=3, **kw))
     with pytest.raises(Killed):
         mod._train_worker(killed, tmp_path / "killed.json")
     left = json.loads((tmp_path / "killed.json").read_text())
@@ -601,12 +607,13 @@ def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_re
             "test_solver_curve", "train_rel_l2_per_epoch")
     assert left["epochs_done"] == 2 and mod.finished_for(left, plan2) and not mod.finished_for(left, killed["config"])
     assert {k: left[k] for k in keys} == {k: mod.at_plan_epochs(whole, plan2)[k] for k in keys}
+    assert left["wall_clock_s"] == 300.0  # epochs 1-3, trained and checkpointed before the kill
 
-    monkeypatch.setattr(pde.train, "train", real_train)
+    monkeypatch.setattr(pde.train, "train", timed)
     assert mod._train_worker(killed, tmp_path / "killed.json") == 0  # resumes from epoch 3's checkpoint
     done = json.loads((tmp_path / "killed.json").read_text())
     assert {k: done[k] for k in keys} == {k: whole[k] for k in keys}
-    assert done["wall_clock_s"] > left["wall_clock_s"]
+    assert done["epochs_done"] == 4 and done["wall_clock_s"] == 400.0
 
 
 def _ns_job_files(tmp_path: Path, machines: dict[int, dict | None]) -> tuple[list[dict], Path]:
