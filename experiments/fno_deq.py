@@ -101,7 +101,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from implicit.results import atomic_path, save_figure_atomic  # noqa: E402
+from implicit.results import save_figure_atomic, write_json_atomic  # noqa: E402
 # Variance of the raw fields in the paper's NS files (its data/navier_stokes_dataloader.py, visc 0.01).
 from pde.train import PAPER_NS_VARIANCE, TrainConfig  # noqa: E402
 
@@ -280,10 +280,10 @@ def _worker(spec_path: str) -> int:
         t0 = time.perf_counter()
         for split in ("train", "test"):
             generate_split(spec["recipe"], split, spec["dir"], device=dev, progress=False)
-        _dump(result_path, {"seconds": time.perf_counter() - t0, "device": str(dev)})
+        write_json_atomic(result_path, {"seconds": time.perf_counter() - t0, "device": str(dev)})
         return 0
     if spec["kind"] == "memory":
-        _dump(result_path, memory_sweep(spec))
+        write_json_atomic(result_path, memory_sweep(spec))
         return 0
     return _train_worker(spec, result_path)
 
@@ -307,10 +307,10 @@ def _train_worker(spec: dict, result_path: Path) -> int:
             return  # the final record follows
         wall = time.perf_counter() - t0
         if "test_rel_l2" in s["history"][-1]:
-            _dump(result_path, _train_result(spec, cfg, cfg_d, s, wall, previous))
+            write_json_atomic(result_path, _train_result(spec, cfg, cfg_d, s, wall, previous))
         elif result_path.is_file():  # between evaluations: the last one's record, its clock moved on
             record = json.loads(result_path.read_text())
-            _dump(result_path, {**record, "wall_clock_s": wall + previous.get("wall_clock_s", 0.0)})
+            write_json_atomic(result_path, {**record, "wall_clock_s": wall + previous.get("wall_clock_s", 0.0)})
 
     s = train(cfg, progress=False, deadline=spec["deadline"], on_epoch=after_epoch)
     res = _train_result(spec, cfg, cfg_d, s, time.perf_counter() - t0, previous)
@@ -322,7 +322,7 @@ def _train_worker(spec: dict, result_path: Path) -> int:
             res.update(test_solver_iters=ev["solver"]["n_iter_mean"],
                        test_solver_residual=ev["solver"]["residual_mean"],
                        test_solver_rel_residual=ev["solver"]["rel_residual_mean"])
-    _dump(result_path, res)
+    write_json_atomic(result_path, res)
     return 0
 
 
@@ -409,11 +409,6 @@ def memory_sweep(spec: dict) -> dict:
             del net, opt
             gc.collect()
     return out
-
-
-def _dump(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1, default=float))
 
 
 # ----------------------------------------------------------------------------------- scheduler
@@ -503,7 +498,7 @@ def reuse_runs(results_files: list[str], jobs: list[dict], out: Path) -> list[st
             dest = out / "jobs" / f"{jid}.json"
             r = at_plan_epochs(r, j["config"]) if j else None
             if r and not dest.exists() and (r.get("config") is None or _same_settings(r["config"], j["config"])):
-                _dump(dest, r if "device" in r else {**r, **origin})
+                write_json_atomic(dest, r if "device" in r else {**r, **origin})
                 taken.append(jid)
     return taken
 
@@ -606,7 +601,7 @@ def run_jobs(jobs: list[dict], args, deadline: float) -> None:
                 continue  # no time left for a useful epoch; a later command resumes it
             spec = dict(j, deadline=deadline, result=str(out / "jobs" / f"{j['id']}.json"))
             spec_path = out / "jobs" / f"{j['id']}.spec.json"
-            _dump(spec_path, spec)
+            write_json_atomic(spec_path, spec)
             log = open(out / "logs" / f"{j['id']}.log", "a")
             busy = [(g, job_cost(by_id[jid])) for jid, (_, _, g) in running.items()]
             gpu = least_loaded(gpus, busy) if gpus else None
@@ -637,7 +632,7 @@ def record_command(out: Path, seconds: float) -> list[float]:
     path = out / "commands.json"
     times = json.loads(path.read_text()) if path.is_file() else []
     times.append(seconds)
-    _dump(path, times)
+    write_json_atomic(path, times)
     return times
 
 
