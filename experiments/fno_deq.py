@@ -28,8 +28,9 @@ launches), under one wall-clock budget, then writes ``fno_deq_darcy.json`` and `
   ``wall_clock_s`` sums the commands run on that ``--out`` (each one's in ``command_wall_clock_s``).
   A training keeps its job file current after every epoch, so a process killed with its machine leaves
   its last evaluation: ``--collect-only`` of the ``jobs/*.json`` that came back reports it as a cut run,
-  or as a finished run of a plan that ends at that epoch. The run's own ``wall_clock_s`` counts its time
-  up to its last checkpoint, so a resumed run counts each epoch once.
+  or as a finished run of a plan that ends at that epoch (killed before its first evaluation: the epochs it
+  trained, listed under ``runs`` only). The run's own ``wall_clock_s`` counts its time up to its last
+  checkpoint, so a resumed run counts each epoch once.
 - Several machines: each run's job file records the device, torch and commit it trained with. Gather
   the ``jobs/*.json`` of several ``--out`` folders into one and ``--collect-only`` writes the results
   files from them, naming the machines the runs trained on, not the one that collected them.
@@ -302,14 +303,15 @@ def _train_worker(spec: dict, result_path: Path) -> int:
 
     def after_epoch(s: dict) -> None:
         """Keep the job file current after each checkpoint, so that a kill leaves the last evaluation's record
-        and the time trained up to the checkpoint the next call resumes from (each kept epoch counted once)."""
+        and the time trained up to the checkpoint the next call resumes from (each kept epoch counted once).
+        Before the first evaluation the record is the epochs trained so far, without a test error."""
         if s["epochs_done"] >= cfg.epochs:
             return  # the final record follows
         wall = time.perf_counter() - t0
-        if "test_rel_l2" in s["history"][-1]:
+        record = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        if "test_rel_l2" in s["history"][-1] or "test_rel_l2" not in record:
             write_json_atomic(result_path, _train_result(spec, cfg, cfg_d, s, wall, previous))
-        elif result_path.is_file():  # between evaluations: the last one's record, its clock moved on
-            record = json.loads(result_path.read_text())
+        else:  # between evaluations: the last one's record, its clock moved on
             write_json_atomic(result_path, {**record, "wall_clock_s": wall + previous.get("wall_clock_s", 0.0)})
 
     s = train(cfg, progress=False, deadline=spec["deadline"], on_epoch=after_epoch)

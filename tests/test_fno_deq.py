@@ -555,12 +555,15 @@ def test_fno_deq_experiment_reads_a_longer_run_as_the_shorter_plans_run(tmp_path
     assert mod.at_plan_epochs(longer, {**plan, "lr": 1.0}) is None  # another training
 
 
-def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_resumes(tmp_path, monkeypatch,
+                                                                                        kill_after):
     """A training job keeps its result file current after each epoch: killed in its 4th epoch (eval every 2), it
-    leaves what the uninterrupted run reads at a 2-epoch plan, with the wall clock up to epoch 3's checkpoint; the
-    next call resumes from that checkpoint and ends where the uninterrupted run ends, each epoch's time counted
-    once. Without the per-epoch record a killed machine lost every epoch, and without the clock's update epoch 3's
-    time."""
+    leaves what the uninterrupted run reads at a 2-epoch plan, with the wall clock up to epoch 3's checkpoint;
+    killed in its 2nd, before any evaluation, the epoch it trained, without a test error. The next call resumes
+    from the checkpoint and ends where the uninterrupted run ends, each epoch's time counted once. Without the
+    per-epoch record a killed machine lost every epoch, without the clock's update epoch 3's time, and without
+    the record before the first evaluation epoch 1's time and any trace of the job."""
     import json
     from types import SimpleNamespace
 
@@ -598,16 +601,21 @@ def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_re
         return real_train(cfg, **{**kw, "on_epoch": after_epoch})
 
     killed = spec("killed")
-    monkeypatch.setattr(pde.train, "train", lambda cfg, **kw: timed(cfg, kill_after=3, **kw))
+    monkeypatch.setattr(pde.train, "train", lambda cfg, **kw: timed(cfg, kill_after=kill_after, **kw))
     with pytest.raises(Killed):
         mod._train_worker(killed, tmp_path / "killed.json")
     left = json.loads((tmp_path / "killed.json").read_text())
-    plan2 = {**killed["config"], "epochs": 2}
     keys = ("epochs_done", "test_rel_l2", "train_rel_l2", *mod.TEST_SOLVE_KEYS, "test_rel_l2_curve",
             "test_solver_curve", "train_rel_l2_per_epoch")
-    assert left["epochs_done"] == 2 and mod.finished_for(left, plan2) and not mod.finished_for(left, killed["config"])
-    assert {k: left[k] for k in keys} == {k: mod.at_plan_epochs(whole, plan2)[k] for k in keys}
-    assert left["wall_clock_s"] == 300.0  # epochs 1-3, trained and checkpointed before the kill
+    if kill_after == 3:
+        plan2 = {**killed["config"], "epochs": 2}
+        assert left["epochs_done"] == 2 and mod.finished_for(left, plan2)
+        assert {k: left[k] for k in keys} == {k: mod.at_plan_epochs(whole, plan2)[k] for k in keys}
+    else:
+        assert left["epochs_done"] == 1 and "test_rel_l2" not in left and left["test_rel_l2_curve"] == []
+        assert left["train_rel_l2_per_epoch"] == whole["train_rel_l2_per_epoch"][:1]
+    assert not mod.finished_for(left, killed["config"])
+    assert left["wall_clock_s"] == 100.0 * kill_after  # the epochs trained and checkpointed before the kill
 
     monkeypatch.setattr(pde.train, "train", timed)
     assert mod._train_worker(killed, tmp_path / "killed.json") == 0  # resumes from epoch 3's checkpoint
