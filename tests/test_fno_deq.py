@@ -560,7 +560,7 @@ def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_re
                                                                                         kill_after):
     """A training job keeps its result file current after each epoch: killed in its 4th epoch (eval every 2), it
     leaves what the uninterrupted run reads at a 2-epoch plan, with the wall clock up to epoch 3's checkpoint;
-    killed in its 2nd, before any evaluation, the epoch it trained, without a test error. The next call resumes
+    killed in its 2nd, before any evaluation, epoch 1 as trained, without a test error. The next call resumes
     from the checkpoint and ends where the uninterrupted run ends, each epoch's time counted once. Without the
     per-epoch record a killed machine lost every epoch, without the clock's update epoch 3's time, and without
     the record before the first evaluation epoch 1's time and any trace of the job."""
@@ -618,7 +618,7 @@ def test_fno_deq_experiment_job_killed_mid_run_leaves_its_last_evaluation_and_re
     assert left["wall_clock_s"] == 100.0 * kill_after  # the epochs trained and checkpointed before the kill
 
     monkeypatch.setattr(pde.train, "train", timed)
-    assert mod._train_worker(killed, tmp_path / "killed.json") == 0  # resumes from epoch 3's checkpoint
+    assert mod._train_worker(killed, tmp_path / "killed.json") == 0  # resumes from the last checkpoint before the kill
     done = json.loads((tmp_path / "killed.json").read_text())
     assert {k: done[k] for k in keys} == {k: whole[k] for k in keys}
     assert done["epochs_done"] == 4 and done["wall_clock_s"] == 400.0
