@@ -461,6 +461,131 @@ def next_epoch_estimate(last_wall: float, epoch: int, steps_per_epoch: int, warm
     return last_wall * (WARMUP_TO_SOLVE_FACTOR if crosses else 1.0)
 
 
+def _restore(ck: dict, cfg: TrainConfig, op: Operator, opt: torch.optim.Optimizer, sched: Any,
+             device: torch.device, ckpt_path: Path) -> tuple[list[dict], int]:
+    """Load checkpoint ``ck`` (weights, optimiser, schedule, global RNG) into a run of ``cfg``; return its
+    history and the epochs it holds. A checkpoint of another configuration is refused, as is a cosine
+    schedule resumed for another number of epochs (the rest of its schedule would change)."""
+    old = dict(ck["train_config"])
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys added since it was written
+    diff = {k for k in _fields() if old.get(k, defaults[k]) != getattr(cfg, k)} - _RESUMABLE_CHANGES
+    if diff:
+        raise ValueError(f"{ckpt_path} is from another configuration (differs in {sorted(diff)}); "
+                         "use --overwrite or another --out")
+    if old.get("epochs") != cfg.epochs and cfg.scheduler == "cosine":
+        raise ValueError(f"{ckpt_path} was trained for {old.get('epochs')} epochs with a cosine schedule; "
+                         f"resuming with epochs={cfg.epochs} would change its schedule")
+    op.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if sched is not None and ck.get("scheduler") is not None:
+        sched.load_state_dict(ck["scheduler"])
+    if ck.get("global_rng") is not None:  # the Jacobian regulariser's probes continue their stream
+        set_global_rng_state(ck["global_rng"], device)
+    return list(ck["history"]), int(ck["epoch"])
+
+
+@dataclasses.dataclass
+class _EpochTally:
+    """What one epoch's training steps report: the summed loss and the per-step solver statistics."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    iters: list[float] = dataclasses.field(default_factory=list)
+    residuals: list[float] = dataclasses.field(default_factory=list)  # FNO-DEQ's solves, past its warm-up
+    jacs: list[float] = dataclasses.field(default_factory=list)
+    adjoints: list[dict] = dataclasses.field(default_factory=list)  # the ift backward's adjoint solves
+
+    def record(self, epoch: int, train_loss: float, seconds: float, lr: float, steps: int) -> dict[str, Any]:
+        """The history record of epoch ``epoch`` (0-based) of ``steps`` steps; means of the step statistics."""
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_rel_l2": train_loss, "time_s": seconds, "lr": lr}
+        if self.iters:
+            record["train_solver_iters"] = mean(self.iters)
+        if self.residuals:
+            record["train_solver_rel_residual"] = mean(self.residuals)
+            record["all_steps_solved"] = len(self.residuals) == steps  # FNO-DEQ past its warm-up all epoch
+        if self.jacs:
+            record["train_jac_loss"] = mean(self.jacs)
+        for key in ("n_iter", "rel_residual", "converged") if self.adjoints else ():  # one not converging shows
+            record[f"train_adjoint_{key}"] = mean([a[key] for a in self.adjoints])
+        return record
+
+
+def _train_epoch(model: torch.nn.Module, op: Operator, loader: torch.utils.data.DataLoader,
+                 opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, device: torch.device, world: int,
+                 epoch: int, ckpt_path: Path, bar: Any) -> _EpochTally:
+    """One epoch's optimiser steps on ``loader`` (``model`` is ``op.net``, DDP-wrapped under torchrun)."""
+    model.train()
+    tally = _EpochTally()
+    for xb, yb in loader:
+        xb, yb = xb.to(device), yb.to(device)
+        opt.zero_grad(set_to_none=True)
+        with _amp_context(cfg.amp, device):
+            out = model(xb)
+        per_sample = relative_l2(op.y_normalizer.decode(out.float()), yb)
+        loss = per_sample.mean()
+        loss_value = float(loss.detach())
+        if world == 1 and not math.isfinite(loss_value):  # under DDP every rank stops at the epoch's end
+            raise _diverged(loss_value, epoch, ckpt_path)
+        # DDP averages gradients over ranks, so a sum is scaled by the ranks to stay the global batch's sum
+        objective = loss if cfg.loss_reduction == "mean" else per_sample.sum() * world
+        solved = (op.net.last_stats or {}).get("mode") == "deq"  # fno-deq past its unrolled warm-up
+        if cfg.jac_reg > 0 and solved:
+            jac = op.net.last_result.stats["jac_loss"]
+            objective = objective + cfg.jac_reg * jac
+            tally.jacs.append(float(jac.detach()))
+        objective.backward()
+        opt.step()
+        if getattr(op.net, "last_adjoint", None) is not None:  # fno-deq's ift backward solved an adjoint
+            tally.adjoints.append(op.net.last_adjoint)
+            op.net.last_adjoint = None
+        if sched is not None and cfg.scheduler == "cosine":
+            sched.step()
+        tally.loss_sum += loss_value * xb.shape[0]
+        tally.samples += xb.shape[0]
+        if op.net.last_stats is not None:
+            tally.iters.append(op.net.last_stats.get("n_iter", 0.0))
+        if solved:  # a block that stops contracting shows here before the loss blows up
+            tally.residuals.append(op.net.last_stats["rel_residual"])
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+    return tally
+
+
+def _test_record(op: Operator, test_ds: PDEDataset, device: torch.device, batch_size: int,
+                 amp: str) -> dict[str, float]:
+    """Test relative L2 and, for a solved model, the mean iterations and residuals of its test solves."""
+    pred, stats = _predict(op, test_ds.x, device, batch_size, amp)
+    record = {"test_rel_l2": float(relative_l2(pred, test_ds.y).mean())}
+    if stats:
+        record["test_solver_iters"] = float(stats["n_iter"].float().mean())
+        record["test_solver_residual"] = float(stats["residual"].mean())  # absolute
+        record["test_solver_rel_residual"] = float(stats["rel_residual"].mean())
+    return record
+
+
+def _epoch_message(record: dict[str, Any], epochs: int) -> str:
+    """The line printed after an epoch: its losses, time and solver statistics, from its history record."""
+    msg = f"epoch {record['epoch']}/{epochs}  train rel L2 {record['train_rel_l2']:.4f}  "
+    if "test_rel_l2" in record:
+        msg += f"test rel L2 {record['test_rel_l2']:.4f}  "
+    msg += f"{record['time_s']:.1f} s"
+    if "train_solver_rel_residual" in record:
+        msg += f"  train solve rel residual {record['train_solver_rel_residual']:.1e}"
+    if "train_jac_loss" in record:
+        msg += f"  jac {record['train_jac_loss']:.2e}"
+    if "train_adjoint_n_iter" in record:
+        msg += (f"  adjoint {record['train_adjoint_n_iter']:.1f} it, rel residual "
+                f"{record['train_adjoint_rel_residual']:.1e}")
+        if record["train_adjoint_converged"] < 1:
+            msg += f" ({100 * record['train_adjoint_converged']:.0f}% converged)"
+    if "test_solver_iters" in record:
+        msg += (f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e} "
+                f"(rel {record['test_solver_rel_residual']:.2e})")
+    return msg
+
+
 def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] | None = None, stop_after: int | None = None,
           deadline: float | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
@@ -547,24 +672,8 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
     history: list[dict] = []
     start_epoch = 0
 
-    # resume
     if ck is not None:
-        old = dict(ck["train_config"])
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys added since it was written
-        diff = {k for k in _fields() if old.get(k, defaults[k]) != getattr(cfg, k)} - _RESUMABLE_CHANGES
-        if diff:
-            raise ValueError(f"{ckpt_path} is from another configuration (differs in {sorted(diff)}); "
-                             "use --overwrite or another --out")
-        if old.get("epochs") != cfg.epochs and cfg.scheduler == "cosine":
-            raise ValueError(f"{ckpt_path} was trained for {old.get('epochs')} epochs with a cosine schedule; "
-                             f"resuming with epochs={cfg.epochs} would change its schedule")
-        op.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None and ck.get("scheduler") is not None:
-            sched.load_state_dict(ck["scheduler"])
-        history, start_epoch = list(ck["history"]), int(ck["epoch"])
-        if ck.get("global_rng") is not None:  # the Jacobian regulariser's probes continue their stream
-            set_global_rng_state(ck["global_rng"], device)
+        history, start_epoch = _restore(ck, cfg, op, opt, sched, device, ckpt_path)
         say(f"resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}")
     if main:
         run.mkdir(parents=True, exist_ok=True)
@@ -614,78 +723,27 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
                 x_train.copy_(x_norm.encode(x_new))
             else:
                 y_raw.copy_(y_new)
-        model.train()
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        total, count, iters, residuals, jacs, adjoints = 0.0, 0, [], [], [], []
-        for xb, yb in loader:
-            xb, yb = xb.to(device), yb.to(device)
-            opt.zero_grad(set_to_none=True)
-            with _amp_context(cfg.amp, device):
-                out = model(xb)
-            per_sample = relative_l2(op.y_normalizer.decode(out.float()), yb)
-            loss = per_sample.mean()
-            loss_value = float(loss.detach())
-            if world == 1 and not math.isfinite(loss_value):  # under DDP every rank stops at the epoch's end
-                raise _diverged(loss_value, epoch, ckpt_path)
-            # DDP averages gradients over ranks, so a sum is scaled by the ranks to stay the global batch's sum
-            objective = loss if cfg.loss_reduction == "mean" else per_sample.sum() * world
-            solved = (op.net.last_stats or {}).get("mode") == "deq"  # fno-deq past its unrolled warm-up
-            if cfg.jac_reg > 0 and solved:
-                jac = op.net.last_result.stats["jac_loss"]
-                objective = objective + cfg.jac_reg * jac
-                jacs.append(float(jac.detach()))
-            objective.backward()
-            opt.step()
-            if getattr(op.net, "last_adjoint", None) is not None:  # fno-deq's ift backward solved an adjoint
-                adjoints.append(op.net.last_adjoint)
-                op.net.last_adjoint = None
-            if sched is not None and cfg.scheduler == "cosine":
-                sched.step()
-            total += loss_value * xb.shape[0]
-            count += xb.shape[0]
-            if op.net.last_stats is not None:
-                iters.append(op.net.last_stats.get("n_iter", 0.0))
-            if solved:  # a block that stops contracting shows here before the loss blows up
-                residuals.append(op.net.last_stats["rel_residual"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+        tally = _train_epoch(model, op, loader, opt, sched, cfg, device, world, epoch, ckpt_path, bar)
         if sched is not None and cfg.scheduler == "step":
             sched.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0
-        train_loss = total / max(count, 1)
+        train_loss = tally.loss_sum / max(tally.samples, 1)
         if world > 1:
-            t = torch.tensor([total, count], dtype=torch.float64, device=device)
+            t = torch.tensor([tally.loss_sum, tally.samples], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t)
             train_loss = float(t[0] / t[1])
         if not math.isfinite(train_loss):  # before the checkpoint: it keeps the last finite epoch
             raise _diverged(train_loss, epoch, ckpt_path)
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_rel_l2": train_loss, "time_s": epoch_time,
-                                  "lr": opt.param_groups[0]["lr"]}
-        if iters:
-            record["train_solver_iters"] = sum(iters) / len(iters)
-        if residuals:
-            record["train_solver_rel_residual"] = sum(residuals) / len(residuals)
-            record["all_steps_solved"] = len(residuals) == len(loader)  # FNO-DEQ past its warm-up all epoch
-        if jacs:
-            record["train_jac_loss"] = sum(jacs) / len(jacs)
-        if adjoints:  # the ift backward's adjoint solves: one that stops converging shows here
-            for key in ("n_iter", "rel_residual", "converged"):
-                record[f"train_adjoint_{key}"] = sum(a[key] for a in adjoints) / len(adjoints)
+        record = tally.record(epoch, train_loss, epoch_time, opt.param_groups[0]["lr"], len(loader))
         if device.type == "cuda":  # this epoch's training steps (the summary takes the maximum over the history)
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         if main:
-            stats = {}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                pred, stats = _predict(op, test_ds.x, device, max(cfg.batch_size, 32), cfg.amp)
-                record["test_rel_l2"] = float(relative_l2(pred, test_ds.y).mean())
-            if stats:
-                record["test_solver_iters"] = float(stats["n_iter"].float().mean())
-                record["test_solver_residual"] = float(stats["residual"].mean())  # absolute
-                record["test_solver_rel_residual"] = float(stats["rel_residual"].mean())
+                record.update(_test_record(op, test_ds, device, max(cfg.batch_size, 32), cfg.amp))
             history.append(record)
             save_torch_atomic({
                 "model": op.state_dict(), "model_config": op.net.config(), "train_config": dataclasses.asdict(cfg),
@@ -696,22 +754,7 @@ def train(cfg: TrainConfig, *, resume: bool | None = None, overwrite: bool = Fal
             }, ckpt_path)
             if on_epoch is not None:
                 on_epoch(summary_after(epoch + 1))
-            msg = f"epoch {epoch + 1}/{cfg.epochs}  train rel L2 {train_loss:.4f}  "
-            if "test_rel_l2" in record:
-                msg += f"test rel L2 {record['test_rel_l2']:.4f}  "
-            msg += f"{epoch_time:.1f} s"
-            if residuals:
-                msg += f"  train solve rel residual {record['train_solver_rel_residual']:.1e}"
-            if jacs:
-                msg += f"  jac {record['train_jac_loss']:.2e}"
-            if adjoints:
-                msg += (f"  adjoint {record['train_adjoint_n_iter']:.1f} it, rel residual "
-                        f"{record['train_adjoint_rel_residual']:.1e}")
-                if record["train_adjoint_converged"] < 1:
-                    msg += f" ({100 * record['train_adjoint_converged']:.0f}% converged)"
-            if stats:
-                msg += (f"  solver {record['test_solver_iters']:.1f} it, residual {record['test_solver_residual']:.2e} "
-                        f"(rel {record['test_solver_rel_residual']:.2e})")
+            msg = _epoch_message(record, cfg.epochs)
             (bar.write(msg) if bar is not None else say(msg))
         else:
             history.append(record)
