@@ -664,11 +664,74 @@ def model_configs(train_jobs: list[dict]) -> dict[str, dict]:
     return models
 
 
+CELL_RUN_KEYS = ("seed", "test_rel_l2", "train_rel_l2", "epochs_done", "epochs", "epoch_time_s", "peak_memory_bytes",
+                 "peak_memory_bytes_solving", "test_solver_iters", "test_solver_rel_residual", "test_solver_residual",
+                 "noise_scale", "wall_clock_s", "test_rel_l2_curve")  # what a results file's table cell keeps of a run
+
+
+def cell_summary(model: str, runs: list[dict], finished: set[int], parameters: int | None) -> dict:
+    """One (data, setting, model) cell of a results file: its runs and their mean ± std test error, epochs,
+    time per epoch, peak memory and (FNO-DEQ, IFNO) test solve. ``finished``: the seeds that trained all the
+    plan's epochs. A run cut by the budget is not averaged with finished ones (its error is that of fewer
+    epochs); only where no run finished does the cell report the cut runs."""
+    done = [r for r in runs if r["seed"] in finished]
+    rs = done or runs
+    cell: dict = {"runs": runs, "test_rel_l2": _agg([r["test_rel_l2"] for r in rs]),
+                  "epochs_done": sorted({r["epochs_done"] for r in rs}), "complete": len(done) == len(runs),
+                  "cut_runs": {r["seed"]: r["epochs_done"] for r in runs if r not in done},
+                  "parameters": parameters,
+                  "epoch_time_s_concurrent": statistics.fmean(r["epoch_time_s"] for r in rs)}
+    mem = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes")]
+    cell["peak_train_memory_bytes"] = max(mem) if mem else None
+    solving = [r["peak_memory_bytes_solving"] for r in rs if r.get("peak_memory_bytes_solving")]
+    if solving:  # FNO-DEQ past its warm-up: the implicit training's own peak
+        cell["peak_train_memory_bytes_solving"] = max(solving)
+    # FNO-DEQ's test solve; IFNO's last unrolled step (runs before it was recorded have none)
+    for key in ("test_solver_iters", "test_solver_rel_residual"):
+        vals = [r.get(key) for r in rs]
+        if model in ("fno-deq", "ifno") and None not in vals:
+            cell[key] = statistics.fmean(vals)
+    return cell
+
+
+def comparison_targets(accuracy: dict) -> dict[str, dict]:
+    """The issue's accuracy targets: in each (data, setting), FNO-DEQ's mean test error below each baseline's."""
+    from implicit.results import target
+
+    targets = {}
+    for data_key, per_setting in accuracy.items():
+        for setting, per_model in per_setting.items():
+            deq = per_model.get("fno-deq")
+            if deq is None:
+                continue
+            for base in (b for b in BASELINES if b in per_model):
+                b = per_model[base]
+                t = target(deq["test_rel_l2"]["mean"], b["test_rel_l2"]["mean"], "<")
+                t.update(n_seeds=[deq["test_rel_l2"]["n"], b["test_rel_l2"]["n"]],
+                         std=[deq["test_rel_l2"]["std"], b["test_rel_l2"]["std"]],
+                         complete=deq["complete"] and b["complete"])
+                targets[f"{data_key}_{setting}_fno_deq_rel_l2_below_{base}"] = t
+    return targets
+
+
+def memory_targets(memory: dict | None) -> dict[str, dict]:
+    """The issue's memory targets from the Darcy sweep over solver iterations (8 to 48): FNO-DEQ's peak flat
+    within 10%, IFNO's growing. The sweep runs on CUDA only; without it the first is reported unmet."""
+    from implicit.results import target
+
+    if memory and all(v is not None for v in memory["fno-deq"] + memory["ifno"]):
+        return {"fno_deq_peak_memory_max_over_min_8_to_48_iterations":
+                target(max(memory["fno-deq"]) / min(memory["fno-deq"]), 1.10, "<="),
+                "ifno_peak_memory_growth_8_to_48_iterations": target(memory["ifno"][-1] / memory["ifno"][0], 1.10, ">")}
+    return {"fno_deq_peak_memory_max_over_min_8_to_48_iterations": {
+        "value": None, "target": 1.10, "op": "<=", "met": False, "note": "measured on CUDA only"}}
+
+
 def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
     """Write the results files from the finished jobs; wall-clock time: the commands ``record_command`` logged
     on ``args.out`` (this one's since ``t_start`` where none did)."""
     from implicit.distributed import resolve_device
-    from implicit.results import target, write_results
+    from implicit.results import write_results
 
     out = Path(args.out)
     results = {}
@@ -689,7 +752,7 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
                        if j["kind"] == "train" and (j["data"] == "darcy") == (problem == "darcy")})
         if not keys:
             continue
-        accuracy: dict = {}
+        accuracy: dict = {}  # data -> setting -> model -> the runs' records, then the cell's summary
         runs: dict = {}
         finished_seeds: dict = {}  # (data, setting, model) -> the seeds with all the plan's epochs
         for j in jobs:
@@ -699,63 +762,23 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
             runs[j["id"]] = r
             if not r or "test_rel_l2" not in r:
                 continue
-            cell = accuracy.setdefault(j["data"], {}).setdefault(j["setting"], {}).setdefault(j["model"], {"runs": []})
-            cell["runs"].append({k: r.get(k) for k in ("seed", "test_rel_l2", "train_rel_l2", "epochs_done", "epochs",
-                                                     "epoch_time_s", "peak_memory_bytes",
-                                                     "peak_memory_bytes_solving", "test_solver_iters",
-                                                     "test_solver_rel_residual", "test_solver_residual",
-                                                     "noise_scale", "wall_clock_s", "test_rel_l2_curve")})
+            per_model = accuracy.setdefault(j["data"], {}).setdefault(j["setting"], {})
+            per_model.setdefault(j["model"], []).append({k: r.get(k) for k in CELL_RUN_KEYS})
             if finished_for(r, j["config"]):
                 finished_seeds.setdefault((j["data"], j["setting"], j["model"]), set()).add(r["seed"])
+        parameters: dict = {}
+        for r in results.values():
+            if r.get("model") and "parameters" in r:
+                parameters.setdefault(r["model"], r["parameters"])
         for data_key, per_setting in accuracy.items():
             for setting, per_model in per_setting.items():
-                for name, cell in per_model.items():
-                    # a run cut by the budget is not averaged with finished ones (its error is that of
-                    # fewer epochs); only where no run finished does the cell report the cut runs
-                    done = finished_seeds.get((data_key, setting, name), set())
-                    finished = [r for r in cell["runs"] if r["seed"] in done]
-                    rs = finished or cell["runs"]
-                    cell["test_rel_l2"] = _agg([r["test_rel_l2"] for r in rs])
-                    cell["epochs_done"] = sorted({r["epochs_done"] for r in rs})
-                    cell["complete"] = len(finished) == len(cell["runs"])
-                    cell["cut_runs"] = {r["seed"]: r["epochs_done"] for r in cell["runs"] if r not in finished}
-                    cell["parameters"] = next((results[i]["parameters"] for i in results
-                                               if results[i].get("model") == name and "parameters" in results[i]), None)
-                    cell["epoch_time_s_concurrent"] = statistics.fmean(r["epoch_time_s"] for r in rs)
-                    mem = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes")]
-                    cell["peak_train_memory_bytes"] = max(mem) if mem else None
-                    solving = [r["peak_memory_bytes_solving"] for r in rs if r.get("peak_memory_bytes_solving")]
-                    if solving:  # FNO-DEQ past its warm-up: the implicit training's own peak
-                        cell["peak_train_memory_bytes_solving"] = max(solving)
-                    # FNO-DEQ's test solve; IFNO's last unrolled step (runs before it was recorded have none)
-                    for key in ("test_solver_iters", "test_solver_rel_residual"):
-                        vals = [r.get(key) for r in rs]
-                        if name in ("fno-deq", "ifno") and None not in vals:
-                            cell[key] = statistics.fmean(vals)
-        targets = {}
-        for data_key, per_setting in accuracy.items():
-            for setting, per_model in per_setting.items():
-                if "fno-deq" not in per_model:
-                    continue
-                deq = per_model["fno-deq"]
-                for base in BASELINES:
-                    if base in per_model:
-                        b = per_model[base]
-                        t = target(deq["test_rel_l2"]["mean"], b["test_rel_l2"]["mean"], "<")
-                        t.update(n_seeds=[deq["test_rel_l2"]["n"], b["test_rel_l2"]["n"]],
-                                 std=[deq["test_rel_l2"]["std"], b["test_rel_l2"]["std"]],
-                                 complete=deq["complete"] and b["complete"])
-                        targets[f"{data_key}_{setting}_fno_deq_rel_l2_below_{base}"] = t
+                for name, cell_runs in per_model.items():
+                    finished = finished_seeds.get((data_key, setting, name), set())
+                    per_model[name] = cell_summary(name, cell_runs, finished, parameters.get(name))
+        targets = comparison_targets(accuracy)
         memory = results.get("memory") if problem == "darcy" else None
         if problem == "darcy":
-            if memory and all(v is not None for v in memory["fno-deq"] + memory["ifno"]):
-                targets["fno_deq_peak_memory_max_over_min_8_to_48_iterations"] = target(
-                    max(memory["fno-deq"]) / min(memory["fno-deq"]), 1.10, "<=")
-                targets["ifno_peak_memory_growth_8_to_48_iterations"] = target(
-                    memory["ifno"][-1] / memory["ifno"][0], 1.10, ">")
-            else:
-                targets["fno_deq_peak_memory_max_over_min_8_to_48_iterations"] = {
-                    "value": None, "target": 1.10, "op": "<=", "met": False, "note": "measured on CUDA only"}
+            targets.update(memory_targets(memory))
         train_jobs = [j for j in jobs if j["kind"] == "train" and j["data"] in keys]
         n_done = sum(1 for j in train_jobs if finished_for(results.get(j["id"]), j["config"]))
         data_info = {k: {"recipe": j["recipe"], "generation": results.get(j["id"])}
