@@ -755,26 +755,25 @@ def collect(args, jobs: list[dict], t_start: float) -> list[Path]:
         accuracy: dict = {}  # data -> setting -> model -> the runs' records, then the cell's summary
         runs: dict = {}
         finished_seeds: dict = {}  # (data, setting, model) -> the seeds with all the plan's epochs
+        parameters: dict = {}  # (data, model) -> the parameter count its first run records
         for j in jobs:
             if j["kind"] != "train" or j["data"] not in keys:
                 continue
             r = results.get(j["id"])
             runs[j["id"]] = r
+            if r and "parameters" in r:
+                parameters.setdefault((j["data"], j["model"]), r["parameters"])
             if not r or "test_rel_l2" not in r:
                 continue
             per_model = accuracy.setdefault(j["data"], {}).setdefault(j["setting"], {})
             per_model.setdefault(j["model"], []).append({k: r.get(k) for k in CELL_RUN_KEYS})
             if finished_for(r, j["config"]):
                 finished_seeds.setdefault((j["data"], j["setting"], j["model"]), set()).add(r["seed"])
-        parameters: dict = {}
-        for r in results.values():
-            if r.get("model") and "parameters" in r:
-                parameters.setdefault(r["model"], r["parameters"])
         for data_key, per_setting in accuracy.items():
             for setting, per_model in per_setting.items():
                 for name, cell_runs in per_model.items():
                     finished = finished_seeds.get((data_key, setting, name), set())
-                    per_model[name] = cell_summary(name, cell_runs, finished, parameters.get(name))
+                    per_model[name] = cell_summary(name, cell_runs, finished, parameters.get((data_key, name)))
         targets = comparison_targets(accuracy)
         memory = results.get("memory") if problem == "darcy" else None
         if problem == "darcy":

@@ -672,6 +672,28 @@ def test_fno_deq_experiment_results_name_the_machines_the_runs_trained_on(tmp_pa
     assert "peak_train_memory_bytes_solving" not in written["metrics"]["accuracy"]["ns-nu0.01"]["clean"]["fno-d4"]
 
 
+def test_fno_deq_experiment_cells_report_their_own_problems_parameter_count(tmp_path):
+    """One command over Darcy and NS: a model has another parameter count on each (its lifting sees other input
+    channels), and each results file's cells report their own problem's runs' count, not the first one found."""
+    import json
+
+    mod = load_experiment("fno_deq")
+    args = mod.build_parser().parse_args(["--problems", "darcy,ns", "--device", "cpu", "--seeds", "0",
+                                          "--ns-seeds", "0", "--ns-viscosities", "0.01", "--ns-noise", "",
+                                          "--darcy-settings", "clean", "--models", "fno-d4", "--out", str(tmp_path)])
+    jobs = mod.plan(args)
+    trains = [j for j in jobs if j["kind"] == "train"]
+    assert {j["data"] for j in trains} == {"darcy", "ns-nu0.01"}
+    (tmp_path / "jobs").mkdir()
+    for j in trains:
+        run = {"seed": j["seed"], "model": j["model"], "test_rel_l2": 0.1, "epochs_done": 2, "epochs": 2,
+               "epoch_time_s": 1.0, "parameters": 100 if j["data"] == "darcy" else 120}
+        (tmp_path / "jobs" / f"{j['id']}.json").write_text(json.dumps(run))
+    darcy, ns = mod.collect(args, jobs, 0.0)
+    assert json.loads(darcy.read_text())["metrics"]["accuracy"]["darcy"]["clean"]["fno-d4"]["parameters"] == 100
+    assert json.loads(ns.read_text())["metrics"]["accuracy"]["ns-nu0.01"]["clean"]["fno-d4"]["parameters"] == 120
+
+
 def test_fno_deq_experiment_records_each_models_config_without_a_clean_cell(tmp_path):
     """A plan of one noisy NS cell still records each model's training config (FNO-DEQ's Jacobian weight
     included, which the NS summary tells its trainings apart by), with no run's or setting's keys; a plan
