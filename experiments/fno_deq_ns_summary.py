@@ -36,7 +36,8 @@ PAPER_SIZE = ("6ep_clean_nu0.01", "6ep_clean_nu0.001", "6ep_input_noise_0.001_nu
               "6ep_input_noise_0.004_nu0.01", "6ep_target_noise_0.004_nu0.01", "6ep_input_noise_0.001_nu0.001",
               "6ep_target_noise_0.001_nu0.001", "6ep_input_noise_0.004_nu0.001", "6ep_target_noise_0.004_nu0.001",
               "8ep_clean_nu0.01", "8ep_target_noise_0.001_nu0.01", "8ep_input_noise_0.004_nu0.01",
-              "8ep_target_noise_0.004_nu0.01", "8ep_target_noise_0.001_nu0.001", "8ep_input_noise_0.004_nu0.001")
+              "8ep_target_noise_0.004_nu0.01", "8ep_target_noise_0.001_nu0.001", "8ep_input_noise_0.004_nu0.001",
+              "8ep_target_noise_0.004_nu0.001")
 FILES = ("fno_deq_ns.json", "fno_deq_ns_24ep.json", "fno_deq_ns_48ep_nu0.01.json", "fno_deq_ns_48ep_nu0.001.json",
          "fno_deq_ns_48ep_jac_reg10_nu0.001.json", "fno_deq_ns_48ep_jac_reg10_nu0.01.json",
          "fno_deq_ns_48ep_jac_reg3_nu0.01.json", "fno_deq_ns_48ep_jac_reg3_nu0.001.json",
