@@ -124,6 +124,30 @@ def set_global_rng_state(state: dict, device: torch.device | None = None) -> Non
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+@contextmanager
+def deterministic_algorithms(on: bool = True) -> Iterator[None]:
+    """Bitwise-repeatable GPU numerics inside the block; ``on=False`` changes nothing.
+
+    Without it, two CUDA runs of one seed part in the last bits (reductions whose order varies), and
+    training grows the gap. Inside: torch's deterministic algorithms (an op that has none raises), cuDNN
+    without autotuning, and cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set when unset). Slower;
+    the previous settings come back on exit. On the CPU these ops are repeatable already.
+    """
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
 def write_results(
     name: str,
     *,

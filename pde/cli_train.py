@@ -70,6 +70,8 @@ _FLAGS = {
     "--gamma": ("gamma", float, "scheduler=step: decay factor"),
     "--seed": ("seed", int, "random seed (initialisation, data order, noise)"),
     "--device": ("device", str, '"auto", "cpu", "cuda", "cuda:1", ...'),
+    "--deterministic": ("deterministic", _flag_bool,
+                        "bitwise-repeatable GPU runs: deterministic algorithms only (slower; true | false)"),
     "--amp": ("amp", str, "mixed precision: none | bf16 (fp16 cannot train the complex spectral weights)"),
     "--noise-level": ("noise_level", float, "maximum noise variance of the observations (paper: 1e-3)"),
     "--noise-on": ("noise_on", str, "input | target: which field gets the noise"),

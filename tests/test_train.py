@@ -1,5 +1,6 @@
 """Training, resume, DDP (gloo, 2 processes), evaluation and data checks on a tiny Darcy file (CPU)."""
 
+import argparse
 import json
 import os
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from implicit.results import deterministic_algorithms
+from pde.cli_train import add_parser
 from pde.datasets import generate_split
 from pde.train import TrainConfig, add_observation_noise, evaluate, load_config, noise_levels, relative_l2, train
 from ports import free_port
@@ -106,6 +109,25 @@ def test_resume_equals_uninterrupted(darcy, tmp_path, jac_reg, stop_after):
     assert [r["train_rel_l2"] for r in resumed["history"]] == [r["train_rel_l2"] for r in full["history"]]
     with pytest.raises(ValueError, match="another configuration"):
         train(_cfg(darcy, tmp_path / "b", epochs=3, lr=1e-2, jac_reg=jac_reg), progress=False, log=lambda m: None)
+
+
+def test_deterministic_option_holds_for_the_whole_run_and_is_undone_after(darcy, tmp_path):
+    """deterministic=True (what makes GPU runs bitwise repeatable) is in force through every epoch, a resume may
+    turn it on, and torch's settings are back as they were when train() returns."""
+    state = lambda: (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,  # noqa: E731
+                     torch.backends.cudnn.benchmark)
+    before, seen = state(), []
+    train(_cfg(darcy, tmp_path / "run", epochs=2), progress=False, log=lambda m: None, stop_after=1,
+          on_epoch=lambda s: seen.append(state()))
+    train(_cfg(darcy, tmp_path / "run", epochs=2, deterministic=True), resume=True, progress=False,
+          log=lambda m: None, on_epoch=lambda s: seen.append(state()))
+    assert seen == [before, (True, True, False)] and state() == before
+    with pytest.raises(RuntimeError, match="inside"), deterministic_algorithms():
+        raise RuntimeError("inside")
+    assert state() == before
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["train", "darcy", "--deterministic", "true"]).deterministic is True
 
 
 def test_a_longer_constant_rate_plan_is_the_shorter_plan_up_to_its_epochs(darcy, tmp_path):
