@@ -2,7 +2,7 @@
 experiments/results/determinism.json).
 
 GPU runs of one seed part in the last bits (reductions whose order varies from run to run), and training
-grows the gap: the paper-size NS cells' repeated FNO-DEQ runs ended up to 0.013 apart in test error.
+grows the gap: two paper-size NS FNO-DEQ trainings of one seed were up to 0.012 apart in test error at epoch 6.
 ``--deterministic true`` (torch's deterministic algorithms, cuDNN without autotuning, cuBLAS's fixed
 workspace) is meant to close it. Each case here is ``implicit train darcy`` twice, in two processes started
 together, on the quick Darcy data; the two checkpoints' weights are compared tensor by tensor. Cases: FNO-DEQ
@@ -38,8 +38,9 @@ MODELS = {
 
 
 def train_command(model: str, deterministic: bool, run: Path, a: argparse.Namespace) -> list[str]:
-    args = [sys.executable, "-m", "implicit.cli", "train", "darcy", *MODELS[model], "--epochs", str(a.epochs),
-            "--pretrain-steps", str(a.pretrain_steps), "--deterministic", str(deterministic).lower(),
+    args = [sys.executable, "-m", "implicit.cli", "train", "darcy", "--data", a.data, *MODELS[model],
+            "--epochs", str(a.epochs), "--pretrain-steps", str(a.pretrain_steps),
+            "--deterministic", str(deterministic).lower(),
             "--device", a.device, "--out", str(run), "--overwrite", "--no-plot", "--quiet"]
     return args + (["--width", "8", "--modes", "4", "--max-iter", "4", "--eval-max-iter", "4"] if a.small else [])
 
@@ -65,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the runs and the results file")
     p.add_argument("--results", help="folder for determinism.json (default: --out)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default="darcy-quick", help="training file or recipe (default: implicit train darcy's)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--pretrain-steps", type=int, default=8, help="fno-deq's unrolled warm-up (one epoch is 8 steps)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
     p.add_argument("--small", action="store_true", help="toy widths, for a CPU check of the script")
     a = p.parse_args(argv)
     out = Path(a.out)
-    resolve_data("darcy-quick", None)  # made once here, not by eight processes at once
+    resolve_data(a.data, None)  # made once here, not by eight processes at once
     cases = [(m, det) for m in a.models.split(",") for det in (False, True)]
     runs = {(m, det, i): out / "runs" / f"{m}-{'det' if det else 'default'}-{i}" for m, det in cases for i in (0, 1)}
     t0 = time.perf_counter()
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
               f"max |dw| {r['max_abs_weight_diff']:.2e}, test rel L2 {r['test_rel_l2'][0]:.6f} / "
               f"{r['test_rel_l2'][1]:.6f}")
     config = {"models": {m: MODELS[m] for m in a.models.split(",")}, "epochs": a.epochs, "small": a.small,
-              "pretrain_steps": a.pretrain_steps, "data": "darcy-quick (implicit train darcy's default)",
+              "pretrain_steps": a.pretrain_steps, "data": a.data,
               "protocol": "each case trained twice, the two processes started together with the other cases' "
                           "(so epoch times are concurrent times); final weights compared tensor by tensor"}
     path = write_results("determinism", config=config, metrics=metrics, targets=targets, device=a.device,

@@ -242,6 +242,8 @@ def plan(args) -> list[dict]:
         if args.checkpoint_unrolled:  # FNO-DEQ's warm-up and IFNO recompute their iterations in the backward
             for name in {"fno-deq", "ifno"} & set(models):
                 models[name] = dict(models[name], checkpoint_unrolled=True)
+        if args.deterministic:  # every model: bitwise-repeatable GPU runs
+            common["deterministic"] = True
         if args.jac_reg and "fno-deq" in models:
             models["fno-deq"] = dict(models["fno-deq"], jac_reg=args.jac_reg)
         if darcy and args.paper_match and "fno-deq" in models:
@@ -415,8 +417,9 @@ def memory_sweep(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------------- scheduler
 
-# a run's paths, and what is set at run time: none of them changes what the run learns
-MACHINE_KEYS = frozenset({"device", "out", "data", "plot", "eval_every", "noise_scale"})
+# a run's paths, and what is set at run time: none of them changes what the run learns (deterministic: its
+# last bits only, which runs without it do not repeat anyway)
+MACHINE_KEYS = frozenset({"device", "out", "data", "plot", "eval_every", "noise_scale", "deterministic"})
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
@@ -955,6 +958,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradients, less memory: the NS warm-up's peak is about twice the implicit training's)")
     p.add_argument("--solver-graph", action="store_true",
                    help="FNO-DEQ's forward solve replayed as a CUDA graph (same results, ~1.14x faster epochs)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="every training with pde.train's deterministic option: bitwise-repeatable GPU runs "
+                        "(torch's deterministic algorithms; slower). Reused runs without it still count")
     p.add_argument("--jac-reg", type=float, default=0.0,
                    help="FNO-DEQ's Jacobian regulariser weight (pde.train's jac_reg; 0, the paper's: off)")
     p.add_argument("--ns-epochs", type=int, default=6, help="Navier-Stokes epochs of every model")

@@ -115,7 +115,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     # bitwise-repeatable runs on the GPU (implicit.results.deterministic_algorithms; slower). Off, two CUDA runs
-    # of one seed part in the last bits and training grows the gap (paper-size NS: test errors up to 0.013 apart)
+    # of one seed part in the last bits and training grows the gap (paper-size NS: test errors at epoch 6 up to
+    # 0.012 apart)
     deterministic: bool = False
     # none | bf16. fp16 trains nothing here: its loss scaler (torch.amp.GradScaler) cannot unscale the
     # spectral convolutions' complex gradients (pytorch/pytorch#58228); `implicit evaluate --amp fp16` works

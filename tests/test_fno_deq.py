@@ -375,7 +375,8 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
     """``experiments/fno_deq.py --models``: only the named models are trained (every seed and setting),
     and a misspelt name stops the command before anything runs; ``--paper-match`` sets the paper's settings
     (Darcy: normaliser, spectral bias, FNO-DEQ's gradient; NS: normaliser and spectral bias); ``--ns-settings``
-    picks NS cells as ``--darcy-settings`` picks Darcy ones; ``--noise-per-epoch`` reaches the noisy cells only."""
+    picks NS cells as ``--darcy-settings`` picks Darcy ones; ``--noise-per-epoch`` reaches the noisy cells only;
+    ``--deterministic`` reaches every training and does not stop ``--reuse`` of runs trained without it."""
 
     mod = load_experiment("fno_deq")
     base = ["--small", "--problems", "darcy", "--device", "cpu", "--out", str(tmp_path)]
@@ -398,6 +399,12 @@ def test_fno_deq_experiment_models_flag_plans_only_the_named_models(tmp_path):
                   if j["kind"] == "train"]
     assert {j["model"] for j in recomputed if j["config"].get("checkpoint_unrolled")} == {"fno-deq", "ifno"}
     assert not any("checkpoint_unrolled" in j["config"] for j in everything)
+    repeatable = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--deterministic"]))
+                  if j["kind"] == "train"]
+    assert len(repeatable) == len(everything) and all(j["config"]["deterministic"] for j in repeatable)
+    assert not any("deterministic" in j["config"] for j in everything)
+    plain = {j["id"]: j["config"] for j in everything}
+    assert all(mod._same_settings(plain[j["id"]], j["config"]) for j in repeatable)  # --reuse takes runs without it
     matched = [j for j in mod.plan(mod.build_parser().parse_args(base + ["--paper-match"])) if j["kind"] == "train"]
     assert all(j["config"]["normalizer"] == "pointwise" and j["config"]["spectral_bias"] is False for j in matched)
     assert {j["model"] for j in matched if j["config"].get("backward") == "ift"} == {"fno-deq"}

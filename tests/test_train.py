@@ -130,6 +130,29 @@ def test_deterministic_option_holds_for_the_whole_run_and_is_undone_after(darcy,
     assert parser.parse_args(["train", "darcy", "--deterministic", "true"]).deterministic is True
 
 
+def test_determinism_experiment_trains_each_case_twice_and_compares_the_weights(darcy, tmp_path):
+    """``experiments/determinism.py``: each case's two runs compared tensor by tensor (on the CPU they repeat, with
+    the option or without), and a changed weight is found."""
+    import shutil
+    from experiment_scripts import load_experiment
+
+    mod = load_experiment("determinism")
+    assert mod.main(["--small", "--device", "cpu", "--data", str(darcy), "--models", "fno-deq", "--epochs", "2",
+                     "--pretrain-steps", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "determinism.json").read_text())
+    assert sorted(res["metrics"]) == ["fno-deq deterministic=False", "fno-deq deterministic=True"]
+    assert all(r["bitwise_equal"] and r["train_rel_l2_equal_each_epoch"] for r in res["metrics"].values())
+    assert res["targets"]["fno-deq_deterministic_runs_bitwise_equal"]["met"]
+    runs = tmp_path / "runs"
+    shutil.copytree(runs / "fno-deq-det-1", tmp_path / "changed")
+    ck = torch.load(tmp_path / "changed" / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][name] = ck["model"][name] + 1e-3 * ck["model"][name].abs().max()
+    torch.save(ck, tmp_path / "changed" / "checkpoint.pt")
+    changed = mod.compare(runs / "fno-deq-det-0", tmp_path / "changed")
+    assert not changed["bitwise_equal"] and changed["tensors_differing"] == 1 and changed["max_abs_weight_diff"] > 0
+
+
 def test_a_longer_constant_rate_plan_is_the_shorter_plan_up_to_its_epochs(darcy, tmp_path):
     """What ``experiments/fno_deq.py`` counts on to read a longer run at a shorter plan's epochs
     (``finished_for``, ``at_plan_epochs``): under a constant rate the first 2 epochs of a 3-epoch plan are the
