@@ -72,27 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
     p.add_argument("--small", action="store_true", help="toy widths, for a CPU check of the script")
     a = p.parse_args(argv)
+    models = a.models.split(",")
+    if set(models) - set(MODELS):
+        p.error(f"--models: unknown {sorted(set(models) - set(MODELS))}; choose from {sorted(MODELS)}")
     out = Path(a.out)
     resolve_data(a.data, None)  # made once here, not by eight processes at once
-    cases = [(m, det) for m in a.models.split(",") for det in (False, True)]
+    cases = [(m, det) for m in models for det in (False, True)]
     runs = {(m, det, i): out / "runs" / f"{m}-{'det' if det else 'default'}-{i}" for m, det in cases for i in (0, 1)}
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # eight processes at once
     procs = {key: subprocess.Popen(train_command(key[0], key[1], run, a), cwd=ROOT, env=env, stderr=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, text=True) for key, run in runs.items()}
-    failed = {key: proc.communicate()[1][-2000:] for key, proc in procs.items() if proc.wait() != 0}
+    errors = {key: proc.communicate()[1] for key, proc in procs.items()}  # reads each pipe to the end: no stall
+    failed = {key: errors[key][-2000:] for key, proc in procs.items() if proc.returncode != 0}
     if failed:
         raise RuntimeError("training failed: " + "; ".join(f"{k}: {err}" for k, err in failed.items()))
     wall = time.perf_counter() - t0
     metrics = {f"{m} deterministic={det}": compare(runs[m, det, 0], runs[m, det, 1]) for m, det in cases}
     targets = {f"{m}_deterministic_runs_bitwise_equal": target(float(metrics[f"{m} deterministic=True"]
                                                                      ["bitwise_equal"]), 1.0, ">=")
-               for m in a.models.split(",")}
+               for m in models}
     for name, r in metrics.items():
         print(f"{name}: bitwise equal {r['bitwise_equal']}, {r['tensors_differing']}/{r['tensors']} tensors differ, "
               f"max |dw| {r['max_abs_weight_diff']:.2e}, test rel L2 {r['test_rel_l2'][0]:.6f} / "
               f"{r['test_rel_l2'][1]:.6f}")
-    config = {"models": {m: MODELS[m] for m in a.models.split(",")}, "epochs": a.epochs, "small": a.small,
+    config = {"models": {m: MODELS[m] for m in models}, "epochs": a.epochs, "small": a.small,
               "pretrain_steps": a.pretrain_steps, "data": a.data,
               "protocol": "each case trained twice, the two processes started together with the other cases' "
                           "(so epoch times are concurrent times); final weights compared tensor by tensor"}
